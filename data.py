@@ -1,0 +1,603 @@
+"""Datasets on disk: 300VW preparation, the built-in synthetic talking-head generator,
+triplet sampling, landmark heatmaps and augmentation.
+
+A prepared dataset is a folder of videos, each `NNN/frames.npy` (uint8, T x S x S x 3) and
+`NNN/landmarks.npy` (float32, T x 68 x 2, x then y, 0-based crop pixels), plus `split.json`.
+Raw 300VW and the synthetic generator both end up there through one `prepare` path.
+"""
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+N_LANDMARKS = 68
+# iBUG-68 horizontal mirror: after flipping the pixels, point i must take the role of MIRROR[i]
+# (the paper's original code flipped pixels only, so the left eye became the right one).
+MIRROR = [16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 26, 25, 24, 23, 22, 21, 20, 19,
+          18, 17, 27, 28, 29, 30, 35, 34, 33, 32, 31, 45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41,
+          40, 54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55, 64, 63, 62, 61, 60, 67, 66, 65]
+# The official 300VW split (Shen et al. 2015); videos outside it go to train.
+SPLITS_300VW = {
+    "train": "001 002 003 004 007 009 010 011 013 015 016 017 018 019 020 022 025 027 028 029 031 033 "
+             "034 035 037 039 041 043 044 046 047 048 049 053 057 059 112 113 115 119 120 123 138 "
+             "143 144 160 204 205 223 225".split(),
+    "test1": "114 124 125 126 150 158 401 402 505 506 507 508 509 510 511 514 515 518 519 520 521 522 "
+             "524 525 537 538 540 541 546 547 548".split(),
+    "test2": "203 208 211 212 213 214 218 224 403 404 405 406 407 408 409 412 550 551 553".split(),
+    "test3": "410 411 516 517 526 528 529 530 531 533 557 558 559 562".split(),
+}
+
+
+class DataError(ValueError):
+    """Bad input on disk; the message is one line that names the file and the problem."""
+
+
+def progress(label, done, total, t0, unit="frames", extra=""):
+    """One self-overwriting progress line with rate and ETA; a newline once done == total."""
+    import time
+    rate = done / max(time.time() - t0, 1e-9)
+    eta = (total - done) / rate if rate > 0 else float("inf")
+    eta_s = f"{eta // 60:.0f}m{eta % 60:02.0f}s" if math.isfinite(eta) else "?"
+    end = "\n" if done >= total else ""
+    print(f"\r{label} {done}/{total} {rate:.1f} {unit}/s ETA {eta_s} {extra}".rstrip(), end=end, flush=True)
+
+
+# ===== SECTION P: .pts files, the crop, 300VW preparation =====
+# Crop side = CROP_SCALE x the larger side of the landmarks' box. The 68 points stop at the brows,
+# and the forehead above them is about half the brow-to-chin height; 1.8 centred on the box leaves
+# ~0.4-0.5 of that height above the brows, so the forehead, hairline and some hair fit.
+CROP_SCALE = 1.8
+
+
+def read_pts(path):
+    """A 300VW/iBUG .pts file -> float32 (68, 2), 0-based (the files are 1-based)."""
+    try:
+        lines = [l.strip() for l in open(path, errors="replace").read().splitlines()]
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    lines = [l for l in lines if l]  # extra blank lines and CRLF endings occur in 300VW
+    if not lines:
+        raise DataError(f"{path}: empty file")
+    if "{" not in lines or "}" not in lines:
+        raise DataError(f"{path}: missing '{{' or '}}'")
+    a, b = lines.index("{"), lines.index("}")
+    n = next((l.split(":", 1)[1].strip() for l in lines[:a] if l.startswith("n_points")), None)
+    if n != str(N_LANDMARKS) or b - a - 1 != N_LANDMARKS:
+        raise DataError(f"{path}: n_points {n} with {b - a - 1} point lines, expected {N_LANDMARKS}")
+    pts = []
+    for l in lines[a + 1:b]:
+        try:
+            x, y = map(float, l.split())
+        except ValueError:
+            raise DataError(f"{path}: bad point line {l!r}, expected 'x y'") from None
+        pts.append((x - 1, y - 1))
+    pts = np.array(pts, np.float32)
+    if not np.isfinite(pts).all():
+        raise DataError(f"{path}: NaN or infinite coordinate")
+    if np.ptp(pts, 0).max() < 1:
+        raise DataError(f"{path}: all points coincide")  # no face size, so no crop
+    return pts
+
+
+def write_pts(path, pts0):
+    rows = "".join(f"{x + 1:.3f} {y + 1:.3f}\n" for x, y in np.asarray(pts0, np.float64))
+    with open(path, "w") as f:
+        f.write(f"version: 1\nn_points:  {len(pts0)}\n{{\n{rows}}}\n")
+
+
+def crop_box(landmarks, crop_scale=CROP_SCALE):
+    """(x0, y0, side) in pixel-edge coordinates (pixel i spans [i, i+1), so its centre is i+0.5)."""
+    lo, hi = landmarks.min(0), landmarks.max(0)
+    side = crop_scale * float((hi - lo).max())
+    cx, cy = (lo + hi) / 2 + 0.5
+    return float(cx - side / 2), float(cy - side / 2), side
+
+
+def crop_face(frame, landmarks, size=64, crop_scale=CROP_SCALE):
+    """THE crop: a square around the landmarks' box, resized to size x size. Outside the frame the
+    edge pixels are replicated: black borders would be sharp fake edges that move with the face
+    (the discriminator and VGG features latch onto those), mirroring would duplicate face parts."""
+    from PIL import Image
+    x0, y0, side = crop_box(landmarks, crop_scale)
+    # Cut only a window around the box (frames can be 1280 px wide); the margin keeps the anti-aliasing
+    # filter's support (bicubic: 2 px x the scale) on real pixels. Clipped indices = edge replicate.
+    m = 2 * math.ceil(side / size) + 2
+    ix, iy = math.floor(x0) - m, math.floor(y0) - m
+    n = math.ceil(side) + 2 * m + 1
+    H, W = frame.shape[:2]
+    win = frame[np.clip(np.arange(iy, iy + n), 0, H - 1)][:, np.clip(np.arange(ix, ix + n), 0, W - 1)]
+    box = (x0 - ix, y0 - iy, x0 - ix + side, y0 - iy + side)
+    crop = Image.fromarray(np.ascontiguousarray(win[..., :3])).resize((size, size), Image.BICUBIC, box=box)
+    # Output pixel centre u + 0.5 samples input edge coordinate x0 + (u + 0.5) * side / size.
+    uv = (landmarks + 0.5 - np.array([x0, y0])) * (size / side) - 0.5
+    return np.asarray(crop, np.uint8), uv.astype(np.float32)
+
+
+def _prepare_video(vdir, out, size, crop_scale):
+    """One raw video folder -> OUT/NAME; returns (frames, warning lines) or raises DataError."""
+    import shutil
+    import imageio
+    name, annot, vid = os.path.basename(vdir), os.path.join(vdir, "annot"), os.path.join(vdir, "vid.avi")
+    if not os.path.isdir(annot):
+        raise DataError(f"{annot}: missing annotation folder")
+    files = sorted(f for f in os.listdir(annot) if f.endswith(".pts"))
+    warn = []
+    n = next((i for i, f in enumerate(files) if f != f"{i + 1:06d}.pts"), len(files))
+    if n < len(files):  # a gap would shift every later annotation onto the wrong frame
+        warn.append(f"{name}: {annot}: expected {n + 1:06d}.pts, found {files[n]}; using the first {n}")
+    pts = [read_pts(os.path.join(annot, f)) for f in files[:n]]  # all before decoding: fail fast
+    if not os.path.isfile(vid):
+        raise DataError(f"{vid}: missing")
+    frames, marks = [], []
+    try:  # decoders raise many kinds (OSError, RuntimeError, ...): any of them means undecodable
+        with imageio.get_reader(vid, "ffmpeg") as reader:
+            for frame in reader:
+                if len(frames) == len(pts):
+                    warn.append(f"{name}: {vid} has more frames than the {len(pts)} .pts files; "
+                                f"using the first {len(pts)}")
+                    break
+                crop, uv = crop_face(frame, pts[len(frames)], size, crop_scale)
+                frames.append(crop)
+                marks.append(uv)
+    except Exception as e:  # ffmpeg's message is many lines; its first names the problem
+        raise DataError(f"{vid}: cannot decode ({(str(e).strip() or type(e).__name__).splitlines()[0]})")
+    if not frames:
+        raise DataError(f"{vid}: no frames to use ({len(pts)} .pts files)")
+    if len(frames) < len(pts):
+        warn.append(f"{name}: {vid} has {len(frames)} frames for {len(pts)} .pts files; "
+                    f"using the first {len(frames)}")
+    # Write to a temp folder and rename: an interrupted run leaves no half video that looks finished.
+    tmp, final = os.path.join(out, f".{name}.tmp"), os.path.join(out, name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    np.save(os.path.join(tmp, "frames.npy"), np.stack(frames))
+    np.save(os.path.join(tmp, "landmarks.npy"), np.stack(marks))
+    if os.path.isfile(os.path.join(vdir, "params.json")):
+        shutil.copyfile(os.path.join(vdir, "params.json"), os.path.join(tmp, "params.json"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return len(frames), warn
+
+
+def _prepare_one(job):
+    """Worker entry: a bad video becomes (0 frames, its one skip line), never an exception."""
+    try:
+        return _prepare_video(*job)
+    except DataError as e:
+        return 0, [f"skip {os.path.basename(job[0])}: {e}"]
+
+
+def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None, log=print):
+    """Raw 300VW-layout folder SRC -> prepared dataset OUT (see the module docstring). Re-runnable:
+    finished videos are kept, bad videos are skipped with one warning line each."""
+    import contextlib
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+    if not os.path.isdir(src):
+        raise DataError(f"{src}: no such folder")
+    names = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)) and d[0] != ".")
+    if not names:
+        raise DataError(f"{src}: no video folders (expected NNN/vid.avi and NNN/annot/*.pts)")
+    meta = {"size": size, "crop_scale": crop_scale, "source": os.path.abspath(src),
+            "synthetic": any(os.path.isfile(os.path.join(src, d, "params.json")) for d in names)}
+    os.makedirs(out, exist_ok=True)
+    if os.path.isfile(os.path.join(out, "prepare.json")):
+        old = json.load(open(os.path.join(out, "prepare.json")))
+        if (old.get("size"), old.get("crop_scale")) != (size, crop_scale):
+            raise DataError(f"{out}/prepare.json: prepared with size {old.get('size')}, crop_scale "
+                            f"{old.get('crop_scale')}, not {size}, {crop_scale}; use another output folder")
+    # The split: --split-file, else SRC/split.json (the synthetic generator writes one), else the
+    # official one. Read now, so a bad mapping fails before the long run, not after it.
+    own = os.path.join(src, "split.json")
+    split_src, mapping = split_file or (own if os.path.isfile(own) else None), SPLITS_300VW
+    if split_src:
+        try:
+            mapping = json.load(open(split_src))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{split_src}: cannot read ({e})") from None
+        if not isinstance(mapping, dict) or not all(isinstance(v, list) for v in mapping.values()):
+            raise DataError(f"{split_src}: not a JSON mapping of split name -> list of video names")
+    json.dump(meta, open(os.path.join(out, "prepare.json"), "w"), indent=1)
+    done = lambda d: all(os.path.isfile(os.path.join(out, d, f)) for f in ("frames.npy", "landmarks.npy"))
+    existing = [d for d in names if done(d)]
+    todo = [d for d in names if not done(d)]
+    frames = sum(len(np.load(os.path.join(out, d, "landmarks.npy"), mmap_mode="r")) for d in existing)
+    # Progress counts frames; the total starts at the .pts count and is corrected as videos finish.
+    annot = lambda d: os.path.join(src, d, "annot")
+    plan = {d: len(os.listdir(annot(d))) if os.path.isdir(annot(d)) else 0 for d in todo}
+    total, n_done, prepared, skipped, warnings, t0 = sum(plan.values()), 0, [], [], [], time.time()
+    jobs = [(os.path.join(src, d), out, size, crop_scale) for d in todo]
+    with ProcessPoolExecutor(workers) if workers > 1 and len(todo) > 1 else contextlib.nullcontext() as pool:
+        for d, (n, warn) in zip(todo, (pool.map if pool else map)(_prepare_one, jobs)):
+            (prepared if n else skipped).append(d)
+            warnings += warn
+            total += n - plan[d]
+            n_done += n
+            frames += n
+            progress("prepare", n_done, total, t0, extra=f"video {len(prepared) + len(skipped)}/{len(todo)}")
+    for w in warnings:  # after the progress line, which overwrites itself
+        log(w)
+    where = {v: k for k, vs in mapping.items() for v in vs}
+    split = {k: [] for k in [*SPLITS_300VW, *mapping]}
+    for d in sorted(existing + prepared):
+        split[where.get(d, "train")].append(d)
+    json.dump(split, open(os.path.join(out, "split.json"), "w"), indent=1)
+    log(f"prepare: {len(prepared)} videos prepared, {len(existing)} already there, {len(skipped)} skipped, "
+        f"{frames} frames in {out} ({', '.join(f'{k} {len(v)}' for k, v in split.items())})")
+    return {"prepared": len(prepared), "existing": len(existing), "skipped": len(skipped), "frames": frames,
+            "skipped_names": skipped}
+
+
+# ===== SECTION S: the synthetic talking-head generator =====
+# Talking heads drawn FROM the 68 iBUG points, so the annotations are exact, and any identity can be
+# drawn with any pose/expression: a ground truth for cross-identity reenactment.
+SYNTH_VIDEOS = (50, 31, 19, 14)  # train/test1/test2/test3, the sizes of 300VW's split
+SYNTH_FRAMES = 200               # 8 s at 25 fps a video; 114 videos = 22.8k frames
+SYNTH_SIZE = 256
+SYNTH_FPS = 25
+SYNTH_CACHE = "data/synthetic"
+SUPERSAMPLE = 3                  # draw at 3x and box-filter down: anti-aliased edges at polygon speed
+MAX_POSE = {"yaw": 30.0, "pitch": 15.0, "roll": 15.0}  # degrees; the talking-head range of the issue
+# Face template, subject's right half plus the midline (x right, y down, z toward the camera; the
+# jaw is ~2 units wide); the other half is its mirror image through MIRROR.  index, x, y, z:
+_HALF = [(0, -1.00, -.30, -.35), (1, -.99, -.05, -.30), (2, -.95, .20, -.25), (3, -.89, .44, -.18),
+         (4, -.79, .66, -.08), (5, -.64, .84, .02), (6, -.46, .98, .12), (7, -.24, 1.07, .20),
+         (8, 0, 1.10, .23), (17, -.82, -.52, .10), (18, -.68, -.63, .22), (19, -.50, -.67, .30),
+         (20, -.33, -.64, .35), (21, -.17, -.57, .38), (27, 0, -.42, .42), (28, 0, -.26, .50),
+         (29, 0, -.10, .58), (30, 0, .06, .68), (31, -.20, .20, .42), (32, -.10, .23, .48),
+         (33, 0, .25, .52), (36, -.64, -.33, .18), (37, -.53, -.40, .26), (38, -.38, -.40, .28),
+         (39, -.25, -.32, .28), (40, -.38, -.27, .28), (41, -.53, -.27, .26), (48, -.36, .57, .30),
+         (49, -.24, .50, .40), (50, -.10, .46, .46), (51, 0, .48, .47), (57, 0, .71, .43),
+         (58, -.12, .70, .42), (59, -.25, .66, .37), (60, -.30, .57, .33), (61, -.11, .56, .43),
+         (62, 0, .56, .45), (66, 0, .57, .45), (67, -.11, .57, .43)]
+TEMPLATE = np.zeros((N_LANDMARKS, 3))
+for _i, *_xyz in _HALF:
+    TEMPLATE[_i] = _xyz
+    TEMPLATE[MIRROR[_i]] = np.multiply(_xyz, (-1, 1, 1))
+# The skull is an ellipsoid (its projection is always a plausible head outline), sampled on a grid.
+_th, _ph = np.meshgrid(np.linspace(0, np.pi, 9), np.linspace(0, 2 * np.pi, 16, endpoint=False))
+SPHERE = np.stack([np.sin(_th) * np.cos(_ph), -np.cos(_th), np.sin(_th) * np.sin(_ph)], -1).reshape(-1, 3)
+SKULL_C, SKULL_R = np.array([0, -.35, -.45]), np.array([1.02, 1.2, 1.05])
+_a = np.linspace(0, 2 * np.pi, 10, endpoint=False)
+EAR = np.stack([1.04 + .09 * np.cos(_a), -.22 + .22 * np.sin(_a), -.45 + 0 * _a], 1)  # right ear: x *= -1
+SHAPE_RANGE = {"width": .1, "jaw": .15, "chin": .12, "eye_spacing": .05, "eye_size": .15, "nose": .1,
+               "nose_width": .2, "mouth_width": .15}  # identity offsets are uniform in +-these
+SKIN_RANGE = ((255, 224, 196), (80, 50, 35))
+HAIR_COLOURS = [(25, 20, 18), (70, 45, 30), (120, 80, 45), (200, 165, 100), (150, 60, 30), (165, 165, 160)]
+IRIS_COLOURS = [(80, 50, 30), (60, 110, 170), (70, 120, 70), (110, 110, 120), (130, 100, 50)]
+BEARDS = {"full": list(range(2, 15)) + [35, 33, 31], "goatee": list(range(5, 12)) + [54, 33, 48]}
+
+
+def _colour(rng, base, jitter=12):
+    return [int(v) for v in np.clip(np.add(base, rng.normal(0, jitter, 3)), 0, 255)]
+
+
+def random_identity(rng):
+    """A JSON-able identity; glasses/beard are None or a dict, so dict(identity, glasses=None) works."""
+    t = rng.uniform()
+    skin = _colour(rng, (1 - t) * np.array(SKIN_RANGE[0]) + t * np.array(SKIN_RANGE[1]), 5)
+    hair = _colour(rng, HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))])
+    uniform = lambda lo, hi: round(float(rng.uniform(lo, hi)), 4)
+    grey = (128, 128, 128)
+    return {"shape": {k: uniform(-r, r) for k, r in SHAPE_RANGE.items()},
+            "skin": skin, "lips": _colour(rng, np.multiply(skin, (.85, .6, .6))),
+            "iris": _colour(rng, IRIS_COLOURS[rng.integers(len(IRIS_COLOURS))]),
+            "hair": {"style": str(rng.choice(["none", "short", "short", "long"])), "colour": hair,
+                     "hairline": uniform(-.95, -.72)},
+            "brows": {"colour": _colour(rng, np.multiply(hair, .8)), "width": uniform(.04, .09)},
+            "glasses": {"colour": _colour(rng, (40, 40, 40), 40), "roundness": uniform(.3, 1),
+                        "width": uniform(.02, .04)} if rng.uniform() < .25 else None,  # one in four
+            "beard": {"style": str(rng.choice(list(BEARDS))), "colour": hair} if rng.uniform() < .25 else None,
+            "clothes": _colour(rng, grey, 70),
+            "background": {"colour": _colour(rng, grey, 60), "panel": _colour(rng, grey, 60),
+                           "box": np.round(np.sort(rng.uniform(0, 1, (2, 2)), 0).ravel(), 4).tolist()}}
+
+
+def _smooth(rng, n, period):
+    """Low-pass noise in [-1, 1] (white noise through a Hann window ~period frames wide), peak exactly 1."""
+    x = np.convolve(rng.standard_normal(n + period), np.hanning(period + 2)[1:-1], "valid")[:n]
+    return x / np.abs(x).max()
+
+
+def talking_motion(rng, n_frames):
+    """Smooth head motion and expression: a list of (pose, expression) JSON-able dicts, one per frame."""
+    n = n_frames
+    pose = {k: m * rng.uniform(.4, 1) * _smooth(rng, n, int(rng.integers(30, 80))) for k, m in MAX_POSE.items()}
+    pose["tx"] = rng.uniform(-.1, .1) + .03 * _smooth(rng, n, 60)  # the face is not always centred
+    pose["ty"] = rng.uniform(-.06, .06) + .02 * _smooth(rng, n, 60)
+    pose["scale"] = rng.uniform(.16, .21) * (1 + .06 * _smooth(rng, n, 60))  # image fraction per unit
+    talk = np.clip(1.5 * _smooth(rng, n, 60) + .5, 0, 1)  # speech envelope: phrases and pauses
+    syllable = np.cumsum(2 * np.pi * rng.uniform(3, 5) / SYNTH_FPS * (1 + .3 * _smooth(rng, n, 20)))
+    blink, bump = np.zeros(n + 7), 1 - abs(np.arange(7) - 3) / 4  # a blink closes and opens in 7 frames
+    for t in np.cumsum(rng.exponential(70, n // 20 + 2)).astype(int):  # one every ~3 s
+        if t < n:
+            blink[t:t + 7] = np.maximum(blink[t:t + 7], bump)
+    expr = {"open": rng.uniform(.5, 1) * talk * .5 * (1 - np.cos(syllable + rng.uniform(0, 6.3))),
+            "smile": rng.uniform(.3, 1) * np.clip(1.4 * _smooth(rng, n, 80) - .2, 0, 1),
+            "brow": rng.uniform(.3, 1) * np.clip(_smooth(rng, n, 30), 0, 1), "blink": blink[:n]}
+    # values are rounded once here, so re-rendering from params.json reproduces the frames exactly
+    return [tuple({k: round(float(v[t]), 4) for k, v in d.items()} for d in (pose, expr)) for t in range(n)]
+
+
+def _face3d(identity, expression):
+    """The 3-D landmarks of this identity with this expression (template units)."""
+    s, e, P = identity["shape"], expression, TEMPLATE.copy()
+    chin = np.clip((P[:17, 1] + .2) / 1.3, 0, 1)  # 0 at the ears, 1 at the chin
+    P[:17, 0] *= 1 + s["jaw"] * chin
+    P[:17, 1] += (s["chin"] + .18 * e["open"]) * chin ** 2  # the jaw drops as the mouth opens
+    for eye, side in ((slice(36, 42), -1), (slice(42, 48), 1)):
+        c = P[eye].mean(0)
+        P[eye] = c + (P[eye] - c) * (1 + s["eye_size"]) + (side * s["eye_spacing"], 0, 0)
+    P[30:36, 1] += s["nose"]
+    P[31:36, 0] *= 1 + s["nose_width"]
+    P[48:68, 0] *= 1 + s["mouth_width"]
+    P[[55, 56, 57, 58, 59, 65, 66, 67], 1] += .26 * e["open"]
+    P[[48, 54, 60, 64], 1] += .1 * e["open"] - .07 * e["smile"]
+    P[[48, 54, 60, 64], 0] *= 1 + .12 * e["smile"]
+    P[[49, 53, 55, 59], 1] -= .03 * e["smile"]
+    P[17:27, 1] -= .1 * e["brow"]
+    up, lo = [37, 38, 43, 44], [41, 40, 47, 46]
+    P[up] += e["blink"] * (P[lo] - P[up])  # the upper lid meets the lower one
+    return P * (1 + s["width"], 1, 1)
+
+
+def _rotation(pose):
+    """Roll @ pitch @ yaw; positive yaw turns the nose to image right, positive pitch lifts it."""
+    y, p, r = (math.radians(pose[k]) for k in ("yaw", "pitch", "roll"))
+    Ry = np.array([[math.cos(y), 0, math.sin(y)], [0, 1, 0], [-math.sin(y), 0, math.cos(y)]])
+    Rx = np.array([[1, 0, 0], [0, math.cos(p), -math.sin(p)], [0, math.sin(p), math.cos(p)]])
+    Rz = np.array([[math.cos(r), -math.sin(r), 0], [math.sin(r), math.cos(r), 0], [0, 0, 1]])
+    return Rz @ Rx @ Ry
+
+
+def _hull(p):
+    """Convex hull (monotone chain): the skin is the hull of skull and landmarks, so at any yaw no
+    eye or brow pokes out of the face."""
+    p = sorted(map(tuple, p))
+    def half(pts):
+        h = []
+        for x, y in pts:
+            while len(h) > 1 and (h[-1][0] - h[-2][0]) * (y - h[-2][1]) <= (h[-1][1] - h[-2][1]) * (x - h[-2][0]):
+                h.pop()
+            h.append((x, y))
+        return h[:-1]
+    return np.array(half(p) + half(p[::-1]))
+
+
+def render_face(identity, pose, expression, size=SYNTH_SIZE):
+    """One frame -> (uint8 (size, size, 3), float32 (68, 2) 0-based pixel-centre landmarks). Every part
+    is drawn from the projected points that are returned, so the landmarks are exact."""
+    from PIL import Image, ImageDraw
+    S, P, R = size * SUPERSAMPLE, _face3d(identity, expression), _rotation(pose)
+    u = pose["scale"] * S  # supersampled pixels per template unit (weak perspective)
+    centre = (np.array([pose["tx"], pose["ty"]]) + .5) * S
+    proj = lambda X: (X @ R.T)[:, :2] * u + centre - .5  # PIL draws in pixel-centre coordinates
+    p, wx = proj(P), (1 + identity["shape"]["width"], 1, 1)
+    hair, skin = identity["hair"], np.array(identity["skin"])
+    skull = lambda scale, keep: proj(SKULL_C * wx + SKULL_R * wx * scale * SPHERE[keep])
+    img = Image.new("RGB", (S, S), tuple(identity["background"]["colour"]))
+    d = ImageDraw.Draw(img)
+    colour = lambda c: tuple(int(v) for v in c)
+    poly = lambda X, c: d.polygon(np.ravel(X).tolist(), fill=colour(c))
+    line = lambda X, c, w: d.line(np.ravel(X).tolist(), fill=colour(c), width=max(1, int(w * u)), joint="curve")
+    disc = lambda x, r, c: d.ellipse([*(x - r), *(x + r)], fill=colour(c))
+    d.rectangle(list(np.multiply(identity["background"]["box"], S)), fill=colour(identity["background"]["panel"]))
+    if hair["style"] != "none":  # hair behind the head, down the back for long hair
+        tail = proj(np.array([[-1.2, 1.5, -.6], [1.2, 1.5, -.6]]) * wx)[:2 * (hair["style"] == "long")]
+        poly(_hull(np.vstack([skull(1.08, SPHERE[:, 1] < .3), tail])), hair["colour"])
+    d.ellipse([*(centre + (-1.9 * u, 1.8 * u)), *(centre + (1.9 * u, 3.6 * u))], fill=colour(identity["clothes"]))
+    neck = proj(np.array([[-.5, .4, -.45], [.5, .4, -.45]]) * wx)  # the body does not turn with the head
+    poly(np.vstack([neck, centre + (.5 * u, 2 * u), centre + (-.5 * u, 2 * u)]), .85 * skin)
+    ears = [proj(EAR * (side, 1, 1) * wx) for side in (-1, 1)]
+    for ear in ears:
+        poly(ear, .9 * skin)
+    poly(_hull(np.vstack([skull(1, SPHERE[:, 2] > -.1), p])), skin)
+    for ear, side in zip(ears, (-1, 1)):
+        if side * R[2, 0] > .3:  # the head turned away from this ear: it is in front of the skull now
+            poly(ear, .9 * skin)
+    if hair["style"] != "none":  # the cap above the hairline; its back half is behind the face
+        poly(_hull(skull(1.04, (SKULL_C[1] + 1.04 * SKULL_R[1] * SPHERE[:, 1] < hair["hairline"])
+                         & (SPHERE[:, 2] > -.1))), hair["colour"])
+    if identity["beard"]:
+        poly(p[BEARDS[identity["beard"]["style"]]], identity["beard"]["colour"])
+    line(p[27:31], .75 * skin, .02)
+    line(p[31:36], .75 * skin, .025)
+    for nostril in ((p[31] + p[32]) / 2, (p[34] + p[35]) / 2):
+        disc(nostril, .03 * u, .4 * skin)
+    lid = (R @ (0, -.14, 0))[:2] * u  # lid height along the face's "up" in the image
+    for e in (p[36:42], p[42:48]):
+        poly(e, (238, 236, 230))
+        c, r = (e[0] + e[3]) / 2, .075 * (1 + identity["shape"]["eye_size"]) * u
+        disc(c, r, identity["iris"])
+        disc(c, .4 * r, (15, 12, 12))
+        # skin-coloured lids above and below clip the iris to the eye opening, and close it in a blink
+        poly(np.vstack([e[:4], e[3::-1] + lid]), skin)
+        poly(np.vstack([e[[3, 4, 5, 0]], e[[0, 5, 4, 3]] - lid]), skin)
+        line(e[:4], (30, 22, 20), .025)
+    for brow in (p[17:22], p[22:27]):
+        line(brow, identity["brows"]["colour"], identity["brows"]["width"])
+    poly(p[48:60], identity["lips"])
+    poly(p[60:68], (70, 25, 30))
+    upper, lower = p[64:59:-1], p[[64, 65, 66, 67, 60]]
+    poly(np.vstack([upper[::-1], upper + .35 * (lower - upper)]), (235, 230, 220))  # upper teeth
+    if identity["glasses"]:
+        g, a = identity["glasses"], np.linspace(0, 2 * np.pi, 10, endpoint=False)
+        sp = lambda v: np.sign(v) * abs(v) ** g["roundness"]  # superellipse: 1 round, lower squarer
+        rim = np.stack([.24 * sp(np.cos(a)), .17 * sp(np.sin(a)), 0 * a], 1)
+        r, l = [proj((P[i] + P[j]) / 2 + (0, 0, .12) + rim) for i, j in ((36, 39), (42, 45))]
+        arms = proj(np.array([[-1.0, -.3, -.3], [1.0, -.3, -.3]]) * wx)  # to the ears
+        # one polyline: arm, right rim (5 = outer, 0 = inner), bridge, left rim (5 = inner), arm
+        line(np.vstack([arms[:1], r[5:], r, r[:1], l[5:], l, l[:1], arms[1:]]), g["colour"], g["width"])
+    image = np.asarray(img.reduce(SUPERSAMPLE))
+    return image, ((p + .5) / SUPERSAMPLE - .5).astype(np.float32)
+
+
+def _synth_video(job):
+    """Render one video into .NNN.tmp and rename it when complete, so a re-run skips finished ones
+    (and prepare, which ignores dot-folders, never sees a half-written one)."""
+    import imageio
+    import shutil
+    out, index, n_frames, size, seed = job
+    name = f"{index + 1:03d}"
+    rng = np.random.default_rng([seed, index])  # per video, so the videos can render in any order
+    identity, motion = random_identity(rng), talking_motion(rng, n_frames)
+    tmp = os.path.join(out, f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.join(tmp, "annot"))
+    with imageio.get_writer(os.path.join(tmp, "vid.avi"), fps=SYNTH_FPS, codec="libx264", quality=9,
+                            macro_block_size=1, ffmpeg_log_level="error") as video:
+        for t, (pose, expression) in enumerate(motion):
+            frame, landmarks = render_face(identity, pose, expression, size)
+            video.append_data(frame)
+            write_pts(os.path.join(tmp, "annot", f"{t + 1:06d}.pts"), landmarks)
+    with open(os.path.join(tmp, "params.json"), "w") as f:
+        json.dump({"identity": identity, "frames": [{"pose": p, "expression": e} for p, e in motion]}, f)
+    os.rename(tmp, os.path.join(out, name))
+    return n_frames
+
+
+def synth(out, n_videos=SYNTH_VIDEOS, n_frames=SYNTH_FRAMES, size=SYNTH_SIZE, seed=0, workers=2, log=print):
+    """The synthetic set in the raw 300VW layout (NNN/vid.avi, NNN/annot/*.pts) plus NNN/params.json and
+    split.json. One new identity per video, so no test identity is seen in training."""
+    import contextlib
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+    if size % 2:
+        raise DataError(f"{out}: synth size must be even for yuv420p video, got {size}")
+    if sum(n_videos) > 999:
+        raise DataError(f"{out}: at most 999 videos (3-digit names), asked for {sum(n_videos)}")
+    os.makedirs(out, exist_ok=True)
+    ends = np.cumsum(n_videos).tolist()
+    names = [f"{i + 1:03d}" for i in range(ends[-1])]
+    split = {k: names[a:b] for k, a, b in zip(("train", "test1", "test2", "test3"), [0] + ends[:-1], ends)}
+    todo = [(out, i, n_frames, size, seed) for i, name in enumerate(names)
+            if not os.path.isdir(os.path.join(out, name))]  # finished videos are kept
+    log(f"synth: {len(todo)} of {len(names)} videos to render into {out} ({n_frames} frames, {size} px)")
+    t0, done = time.time(), 0
+    with ProcessPoolExecutor(workers) if workers > 1 and len(todo) > 1 else contextlib.nullcontext() as pool:
+        for k, n in enumerate((pool.map if pool else map)(_synth_video, todo)):
+            done += n
+            progress("synth", done, len(todo) * n_frames, t0, extra=f"video {k + 1}/{len(todo)}")
+    with open(os.path.join(out, "split.json"), "w") as f:
+        json.dump(split, f, indent=1)
+    return split
+
+
+def ensure_synthetic(cache=SYNTH_CACHE, seed=0, n_frames=SYNTH_FRAMES, log=print):
+    """The default training data: synthesised and prepared into `cache` once, reused afterwards."""
+    prepared = os.path.join(cache, "prepared")
+    if os.path.exists(os.path.join(prepared, "split.json")):
+        log(f"using the synthetic set in {prepared} (delete it to regenerate)")
+        return prepared
+    raw = os.path.join(cache, "raw")
+    synth(raw, n_frames=n_frames, seed=seed, log=log)
+    prepare(raw, prepared, split_file=os.path.join(raw, "split.json"), log=log)
+    return prepared
+
+
+# ===== SECTION L: triplets, heatmaps, augmentation =====
+# Heatmaps. The paper: a Gaussian "applied over 7 pixels with a mean of 0 and a variance of 1/3".
+# Read literally (sigma^2 = 1/3 px^2) that is a one-pixel spike whose neighbours are 0.22: it gives
+# the generator almost no spatial gradient to follow. The original code drew sigma = 1 px at 128 px
+# and resized to 64 px, which flattened the peak to 0.65. We read it as: a 7-pixel window, sigma =
+# 1 px at the working size, peak exactly 1 at the landmark; both are options.
+SIGMA = 1.0
+WINDOW = 7
+
+
+def load_videos(root, split):
+    """Open a prepared split: frames stay memory-mapped, so all of 300VW never has to fit in RAM."""
+    split_file = os.path.join(root, "split.json")
+    if not os.path.isfile(split_file):
+        raise DataError(f"{split_file}: not found (prepare a dataset first: facesynth.py prepare / synth)")
+    with open(split_file) as f:
+        names = json.load(f).get(split)
+    if not names:
+        raise DataError(f"{split_file}: split '{split}' has no videos")
+    videos = []
+    for name in names:
+        d = os.path.join(root, name)
+        try:
+            frames = np.load(os.path.join(d, "frames.npy"), mmap_mode="r")
+            landmarks = np.load(os.path.join(d, "landmarks.npy"))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{d}: cannot read prepared video ({e})") from None
+        params = None
+        if os.path.isfile(os.path.join(d, "params.json")):
+            with open(os.path.join(d, "params.json")) as f:
+                params = json.load(f)
+        videos.append({"name": name, "frames": frames, "landmarks": landmarks, "params": params})
+    return videos
+
+
+def sample_triplets(videos, n, seed, epoch, max_gap=None):
+    """n triplets (video, source, middle, target, flip) as an int64 array, a pure function of
+    (seed, epoch) so that a resumed run sees exactly the data an uninterrupted one would.
+
+    Three distinct frames are drawn from anywhere in the video (max_gap=None): reenactment must
+    bridge large pose and expression changes, and neighbouring frames would teach a near-copy.
+    The middle one lies between the other two (e_m of L_triple is an "in-between" frame); which
+    end is the source is a coin toss, so there is no preferred direction in time."""
+    rng = np.random.default_rng([seed, epoch])
+    lengths = np.array([len(v["landmarks"]) for v in videos])
+    if lengths.max() < 3:
+        raise DataError(f"every video has fewer than 3 frames ({[v['name'] for v in videos]})")
+    weights = np.where(lengths >= 3, lengths, 0) / lengths[lengths >= 3].sum()  # every frame equally likely
+    out = np.empty((n, 5), dtype=np.int64)
+    out[:, 0] = rng.choice(len(videos), size=n, p=weights)
+    for i in range(n):
+        T = lengths[out[i, 0]]
+        span = T if max_gap is None else min(T, max_gap + 1)
+        start = rng.integers(0, T - span + 1)
+        a, m, b = np.sort(start + rng.choice(span, size=3, replace=False))
+        out[i, 1:4] = (a, m, b) if rng.random() < 0.5 else (b, m, a)
+    out[:, 4] = rng.random(n) < 0.5
+    return out
+
+
+def load_batch(videos, triplets):
+    """Gather a batch from the memory maps: uint8 images (B,S,S,3) of source and target, and the
+    landmarks (B,68,2) of source, middle and target (the middle image itself is never needed)."""
+    get = lambda k: np.stack([videos[v]["frames"][t[k]] for v, t in zip(triplets[:, 0], triplets)])
+    lms = lambda k: np.stack([videos[v]["landmarks"][t[k]] for v, t in zip(triplets[:, 0], triplets)])
+    return {"I_s": torch.from_numpy(get(1)), "I_t": torch.from_numpy(get(3)),
+            "lm_s": torch.from_numpy(lms(1)), "lm_m": torch.from_numpy(lms(2)),
+            "lm_t": torch.from_numpy(lms(3)), "flip": torch.from_numpy(triplets[:, 4].astype(bool))}
+
+
+def to_tensor(frames):
+    """uint8 (B,S,S,3) -> float (B,3,S,S) in [-1, 1], on whatever device the frames are."""
+    frames = torch.as_tensor(frames)
+    return frames.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(images):
+    """float (B,3,S,S) in [-1, 1] -> uint8 numpy (B,S,S,3)."""
+    x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def mirror_landmarks(landmarks, size):
+    """Landmarks (B,68,2) of a horizontally flipped image: x -> size-1-x for pixel centres, and
+    the point order permuted so that the new left eye is the old right eye mirrored."""
+    mirrored = landmarks[:, MIRROR].clone()
+    mirrored[..., 0] = size - 1 - mirrored[..., 0]
+    return mirrored
+
+
+def flip(images, landmarks):
+    """Mirror images (B,C,S,S) together with their landmarks (B,68,2)."""
+    return images.flip(-1), mirror_landmarks(landmarks, images.shape[-1])
+
+
+def heatmaps(landmarks, size, sigma=SIGMA, window=WINDOW):
+    """(B,68,2) pixel coordinates -> (B,68,size,size) Gaussians with peak 1 at each landmark,
+    cut to a window x window square around it. Separable: two (B,68,size) profiles and one
+    outer product, built on the landmarks' device with no Python loop over points."""
+    grid = torch.arange(size, device=landmarks.device, dtype=torch.float32)
+    d = grid - landmarks.float().unsqueeze(-1)                     # (B,68,2,size)
+    profile = torch.exp(-d.square() / (2 * sigma ** 2))
+    profile = profile * ((grid - landmarks.float().round().unsqueeze(-1)).abs() <= window // 2)
+    return profile[:, :, 1, :, None] * profile[:, :, 0, None, :]   # y down the rows, x along them

@@ -1,0 +1,232 @@
+"""The three networks: the U-Net generator G, the PatchGAN discriminator D, and a hand-built VGG-19
+whose activations feed the perceptual (L_pp) and identity (L_id) losses.
+
+G(I_s, e_t) maps a source image and the target's 68 landmark heatmaps to the target image.
+D(I, e_t) says how real an image looks *given* the landmarks it should show.
+"""
+import http.client
+import os
+import socket
+import threading
+import time
+import urllib.parse
+import urllib.request
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import DataError, progress
+
+N_LANDMARKS = 68
+VGG_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
+VGG_FILE = "vgg19-dcbb9e9d.pth"
+VGG_TIMEOUT = 5  # seconds; these machines are offline and must give up at once, not hang
+# torchvision's VGG-19 `features`: a number is a 3x3 conv (+ ReLU) with that many channels, "M" a
+# 2x2 max-pool. Building it in this order makes `features.N` the same N as in torchvision's keys.
+VGG_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
+VGG_WIDTHS = (64, 128, 256, 512, 512)  # channels of the five blocks; tests pass small ones
+# index in `features` of the ReLU after each conv (REFERENCE §4)
+RELU = {"relu1_1": 1, "relu1_2": 3, "relu2_1": 6, "relu2_2": 8, "relu3_1": 11, "relu3_2": 13,
+        "relu3_3": 15, "relu3_4": 17, "relu4_1": 20, "relu4_2": 22, "relu4_3": 24, "relu4_4": 26,
+        "relu5_1": 29, "relu5_2": 31, "relu5_3": 33, "relu5_4": 35}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def _norm(channels):
+    # Per-sample normalisation, NOT BatchNorm: the training loop stacks several generator passes
+    # (G(I_s;e_t), G(I_s;e_m), the cycles) into one call, and each image's result must not depend
+    # on which other images share the batch. InstanceNorm normalises every image on its own.
+    return nn.InstanceNorm2d(channels, affine=True)
+
+
+def _online(host, timeout):
+    """True when `host` resolves within `timeout` s. getaddrinfo ignores socket timeouts, and a dead
+    resolver can block it for minutes, so it runs in a thread we are free to abandon."""
+    ok = []
+
+    def resolve():
+        try:
+            ok.append(socket.getaddrinfo(host, 443))
+        except OSError:
+            pass
+
+    t = threading.Thread(target=resolve, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+
+def _download(url, dest, log):
+    """Fetch `url` into `dest` atomically (a partial file must never look like a good cache entry)."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if not _online(host, VGG_TIMEOUT):
+        raise OSError(f"cannot resolve {host}")
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    tmp = f"{dest}.part{os.getpid()}"
+    log(f"downloading {url} -> {dest}")
+    try:
+        with urllib.request.urlopen(url, timeout=VGG_TIMEOUT) as r, open(tmp, "wb") as f:
+            total, done, t0 = int(r.headers.get("Content-Length", 0)), 0, time.time()
+            while chunk := r.read(1 << 23):
+                f.write(chunk)
+                done += len(chunk)
+                progress("vgg19", done >> 20, max(total, done) >> 20, t0, unit="MiB")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class Generator(nn.Module):
+    """U-Net: n_down stride-2 down blocks, one residual block at the bottleneck, n_down stride-2 up
+    blocks that each see the previous output concatenated with the matching down block's (the
+    skips), then a 3x3 conv to RGB."""
+
+    def __init__(self, ngf=64, n_down=4, n_landmarks=N_LANDMARKS):
+        super().__init__()
+        self.n_down = n_down
+        ch = [ngf * min(2 ** i, 8) for i in range(n_down)]  # ngf, 2ngf, 4ngf, 8ngf, 8ngf, ... (pix2pix)
+        c_in = [3 + n_landmarks] + ch[:-1]
+        # Conv4x4/2 -> norm -> LeakyReLU(0.2); no norm on the first block (pix2pix: it would wash out
+        # the raw input statistics, and the image colours are what G has to carry over)
+        self.down = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c_in[i], ch[i], 4, 2, 1), _norm(ch[i]) if i else nn.Identity(),
+                          nn.LeakyReLU(0.2)) for i in range(n_down))
+        b = ch[-1]
+        self.res = nn.Sequential(nn.Conv2d(b, b, 3, 1, 1), _norm(b), nn.ReLU(),
+                                 nn.Conv2d(b, b, 3, 1, 1), _norm(b))
+        # Symmetric up path: up block i doubles the resolution and returns down block i's width; it
+        # reads the block below's output ⊕ down block i's (the skip), the innermost the bottleneck
+        # alone. (pix2pix instead narrows to the next shallower width and makes its 4th up block the
+        # RGB output; that is 0.85 GFLOP/image at ngf 64 and 64 px, this is the 1.9 of REFERENCE §6.)
+        self.up = nn.ModuleList(
+            nn.Sequential(nn.ConvTranspose2d(ch[i] + (ch[i + 1] if i < n_down - 1 else 0), ch[i], 4, 2, 1),
+                          _norm(ch[i]), nn.ReLU()) for i in range(n_down - 1, -1, -1))
+        self.out = nn.Conv2d(ch[0], 3, 3, 1, 1)  # full resolution -> RGB
+
+    def forward(self, image, heatmaps):
+        s = image.shape[-1]
+        if s % 2 ** self.n_down or s >> self.n_down < 2:
+            raise ValueError(f"image size {s} must be a multiple of 2^n_down = {2 ** self.n_down}, at least twice it")
+        x, skips = torch.cat([image, heatmaps], 1), []  # input = I_s ⊕ e_t (3 + 68 channels)
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+        skips.pop()  # the bottleneck is x itself
+        x = x + self.res(x)  # the residual block: x + F(x)
+        for block in self.up:
+            x = block(x)
+            if skips:
+                x = torch.cat([x, skips.pop()], 1)
+        return torch.tanh(self.out(x))  # images live in [-1, 1]
+
+
+class Discriminator(nn.Module):
+    """PatchGAN: every output pixel judges one patch of (image ⊕ heatmaps); D's verdict is the mean.
+    The paper's "32 hidden channels" is read literally: all three stride-2 convs have ndf channels
+    (pix2pix would double them per layer); D is a few % of the step either way."""
+
+    def __init__(self, ndf=32, n_layers=3, n_landmarks=N_LANDMARKS):
+        super().__init__()
+        layers, c = [], 3 + n_landmarks
+        for i in range(n_layers):
+            layers += [nn.Conv2d(c, ndf, 4, 2, 1), _norm(ndf) if i else nn.Identity(), nn.LeakyReLU(0.2)]
+            c = ndf
+        layers.append(nn.Conv2d(c, 1, 3, 1, 1))  # one real/fake logit per patch
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, image, heatmaps):
+        return self.net(torch.cat([image, heatmaps], 1)).mean((1, 2, 3))  # (B,) logits, "then the mean"
+
+
+class VGG19(nn.Module):
+    """torchvision's VGG-19 `features`, rebuilt by hand up to the deepest layer asked for, so a
+    torchvision state dict loads by key. Frozen and in eval mode: it is a fixed feature extractor
+    (the original code left it trainable, so G could 'win' by changing the yardstick)."""
+
+    def __init__(self, layers, widths=VGG_WIDTHS):
+        super().__init__()
+        unknown = set(layers) - set(RELU)
+        if unknown:
+            raise ValueError(f"unknown VGG layers {sorted(unknown)}; known: {list(RELU)}")
+        self.layers = {name: RELU[name] for name in layers}
+        last = max(self.layers.values())
+        mods, c, block = [], 3, 0
+        for v in VGG_CFG:
+            if len(mods) > last:
+                break  # nothing deeper is ever needed
+            if v == "M":
+                mods.append(nn.MaxPool2d(2, 2))
+                block += 1
+            else:
+                mods += [nn.Conv2d(c, widths[block], 3, 1, 1), nn.ReLU()]
+                c = widths[block]
+        self.features = nn.Sequential(*mods[:last + 1])
+        # torchvision's own init, from a fixed seed: with no weights available the random features
+        # are at least the same ones in every run, so such runs stay comparable
+        g = torch.Generator().manual_seed(0)
+        for m in self.features:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=g)
+                nn.init.zeros_(m.bias)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()  # no dropout/BatchNorm in `features`, so a later .train() would change nothing
+
+    def forward(self, x):
+        """x: RGB in [-1, 1] -> {layer name: activation}."""
+        x = ((x + 1) / 2 - self.mean) / self.std  # ImageNet's input convention (the original fed BGR in [-1, 1])
+        out, want = {}, {i: name for name, i in self.layers.items()}
+        for i, m in enumerate(self.features):
+            x = m(x)
+            if i in want:
+                out[want[i]] = x
+        return out
+
+    def load(self, state, path):
+        """Copy a torchvision-format state dict in by key; `classifier.*` and deeper layers are ignored."""
+        own = self.state_dict()
+        for k, v in own.items():
+            if not k.startswith("features."):
+                continue
+            if k not in state:
+                raise DataError(f"{path}: missing key {k}")
+            shape = tuple(getattr(state[k], "shape", ()))
+            if shape != tuple(v.shape):
+                raise DataError(f"{path}: {k} has shape {shape} expected {tuple(v.shape)}")
+            own[k] = state[k]
+        self.load_state_dict(own)
+
+
+def load_vgg(layers, path=None, log=print, widths=VGG_WIDTHS):
+    """VGG-19 weights from, in order: `path`, torch's hub cache, a download; else random features.
+    Returns (vgg, source) with source the file used or "random"."""
+    vgg = VGG19(layers, widths)
+    if path is None:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", VGG_FILE)
+        if not os.path.isfile(path):
+            try:
+                _download(VGG_URL, path, log)
+            except (OSError, http.client.HTTPException) as e:  # offline, refused, cut off
+                log("\n".join(["", "!" * 78,
+                               f"!! WARNING: no VGG-19 weights; downloading {VGG_URL} failed: {e}",
+                               "!! L_pp and L_id will use RANDOMLY INITIALISED VGG features: they still",
+                               "!! compare images, but not as an ImageNet-trained network sees them.",
+                               f"!! Fix: put {VGG_FILE} at {path} or pass --vgg PATH.",
+                               "!" * 78, ""]))
+                return vgg, "random"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a missing, truncated or non-tensor file: say which one and why
+        raise DataError(f"{path}: cannot read VGG-19 weights ({type(e).__name__}: {e})".splitlines()[0]) from None
+    if not isinstance(state, dict):
+        raise DataError(f"{path}: not a state dict (got {type(state).__name__})")
+    vgg.load(state, path)
+    return vgg, path
