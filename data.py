@@ -569,7 +569,7 @@ def load_batch(videos, triplets):
 
 def to_tensor(frames):
     """uint8 (B,S,S,3) -> float (B,3,S,S) in [-1, 1], on whatever device the frames are."""
-    frames = torch.as_tensor(frames)
+    frames = torch.as_tensor(np.array(frames) if isinstance(frames, np.ndarray) else frames)  # memmaps are read-only
     return frames.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 

@@ -148,28 +148,33 @@ def train_step(G, D, vgg, opt_G, opt_D, b, lam, measure, cfg, fused=True, amp=No
 
 
 # ----------------------------------------------------------------------------- data feed
-def batches(videos, args, start, total, rank=0, world=1, device="cpu"):
+def batches(videos, args, start, total, rank=0, world=1, device=torch.device("cpu")):
     """Yield (step, batch) from step `start` on. A background thread gathers batches from the
     memory maps while the device computes; on CUDA they go through pinned memory."""
     B = args["batch_size"]
     per_epoch = steps_per_epoch(args, world)
 
     def work(q):
-        cache = {}
-        for step in range(start, total):
-            epoch, i = divmod(step, per_epoch)
-            if epoch not in cache:  # one epoch's triplets: a pure function of (seed, epoch)
-                cache = {epoch: data.sample_triplets(videos, per_epoch * B * world, args["seed"], epoch, args["max_gap"])}
-            rows = cache[epoch][(i * world + rank) * B:(i * world + rank + 1) * B]
-            b = data.load_batch(videos, rows)
-            if device.type == "cuda":
-                b = {k: v.pin_memory() for k, v in b.items()}
-            q.put((step, b))
-        q.put(None)
+        try:
+            cache = {}
+            for step in range(start, total):
+                epoch, i = divmod(step, per_epoch)
+                if epoch not in cache:  # one epoch's triplets: a pure function of (seed, epoch)
+                    cache = {epoch: data.sample_triplets(videos, per_epoch * B * world, args["seed"], epoch, args["max_gap"])}
+                rows = cache[epoch][(i * world + rank) * B:(i * world + rank + 1) * B]
+                b = data.load_batch(videos, rows)
+                if device.type == "cuda":
+                    b = {k: v.pin_memory() for k, v in b.items()}
+                q.put((step, b))
+            q.put(None)
+        except Exception as e:  # hand it to the training loop, which would otherwise wait forever
+            q.put(e)
 
     q = queue.Queue(maxsize=4)
     threading.Thread(target=work, args=(q,), daemon=True).start()
     while (item := q.get()) is not None:
+        if isinstance(item, Exception):
+            raise item
         step, b = item
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
         I_s, I_t = data.to_tensor(b.pop("I_s")), data.to_tensor(b.pop("I_t"))
@@ -303,7 +308,7 @@ def train(args):
     t0, t_last, step_last, done = time.time(), time.time(), start, start
     cfg_step = {"size": args["size"], "sigma": args["sigma"], "window": args["window"]}
     stop = []  # Ctrl-C finishes the step in flight, then checkpoints: never a half-updated state
-    signal.signal(signal.SIGINT, lambda *_: stop.append(1) if not stop else signal.default_int_handler())
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.append(1) if not stop else signal.default_int_handler())
     try:
         for step, b in batches(videos, args, start, total, rank, world, device):
             measure = (step + 1) % args["log_every"] == 0 or step + 1 == total
@@ -348,10 +353,391 @@ def train(args):
             if not same:
                 raise FloatingPointError("ranks drifted apart: their weights differ")
     finally:
+        signal.signal(signal.SIGINT, previous)
         if world > 1:
             dist.destroy_process_group()
     log(f"done: {done} steps in {time.time() - t0:.0f}s; outputs in {out}/ (ckpt.pt, log.csv, config.json, samples/)")
     return out
+
+
+# ----------------------------------------------------------------------------- speed
+def matmul_peak(device, seconds=1.0):
+    """The device's own dense-matmul rate in GFLOP/s (fp32 on the CPU, bf16 on CUDA): the yardstick
+    a training step's achieved rate is measured against, taken in the same process."""
+    n = 2048 if device.type == "cpu" else 8192
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = 0.0
+    for _ in range(3):
+        reps, t0 = 0, time.time()
+        while reps == 0 or time.time() - t0 < seconds / 3:
+            a @ b
+            reps += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        best = max(best, 2 * n ** 3 * reps / (time.time() - t0) / 1e9)
+    return best
+
+
+def bench_models(args, device, seed=0):
+    torch.manual_seed(seed)
+    G = build_generator(args).to(device)
+    D = networks.Discriminator(ndf=args["ndf"]).to(device)
+    vgg = networks.VGG19(losses.VGG_LAYERS).to(device)
+    opts = torch.optim.Adam(G.parameters(), lr=LR_G, betas=BETAS), torch.optim.Adam(D.parameters(), lr=LR_D, betas=BETAS)
+    return G, D, vgg, opts
+
+
+def fast_vs_plain(args, device, b, lam, cfg):
+    """The fast path (fused passes, bf16 + channels_last on CUDA) against the plain one (four
+    separate fp32 passes) from the same weights on the same batch: how far do losses and G's
+    gradients move? Returns the largest relative differences."""
+    results = []
+    for fast in (True, False):
+        G, D, vgg, (opt_G, opt_D) = bench_models(args, device)
+        if fast and device.type == "cuda":
+            G, D, vgg = (m.to(memory_format=torch.channels_last) for m in (G, D, vgg))
+        opt_G.step = lambda *a, **k: None  # keep the weights: we compare gradients, not updates
+        terms = train_step(G, D, vgg, opt_G, opt_D, b, lam, True, cfg, fused=fast, amp=fast and device.type == "cuda")
+        grad = torch.cat([p.grad.flatten().float() for p in G.parameters()])
+        results.append(({k: v.item() for k, v in terms.items()}, grad))
+    (t_fast, g_fast), (t_plain, g_plain) = results
+    loss_diff = max(abs(t_fast[k] - t_plain[k]) / max(abs(t_plain[k]), 1e-8) for k in t_plain)
+    grad_diff = ((g_fast - g_plain).norm() / g_plain.norm()).item()
+    return loss_diff, grad_diff
+
+
+def bench(args):
+    """Time full training steps (G, D, all six terms, both optimiser steps) on random tensors."""
+    import resource
+    from torch.utils.flop_counter import FlopCounterMode
+    device = pick_device(args["device"])
+    B, S = args["batch_size"], args["size"]
+    G, D, vgg, (opt_G, opt_D) = bench_models(args, device)
+    if device.type == "cuda":
+        G, D, vgg = (m.to(memory_format=torch.channels_last) for m in (G, D, vgg))
+    G_run = torch.compile(G) if args["compile"] else G
+    lam = losses.lambdas()
+    cfg = {"size": S, "sigma": data.SIGMA, "window": data.WINDOW}
+    g = torch.Generator().manual_seed(0)
+    b = {"I_s": torch.rand(B, 3, S, S, generator=g) * 2 - 1, "I_t": torch.rand(B, 3, S, S, generator=g) * 2 - 1}
+    b.update({k: torch.rand(B, 68, 2, generator=g) * (S - 1) for k in ("lm_s", "lm_m", "lm_t")})
+    b = {k: v.to(device) for k, v in b.items()}
+    amp = device.type == "cuda"
+    step = lambda: train_step(G_run, D, vgg, opt_G, opt_D, b, lam, False, cfg, amp=amp)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"bench: {device}, batch {B}, {S} px, G {networks.count_params(G) / 1e6:.1f}M params, {args['steps']} timed steps")
+    with FlopCounterMode(display=False) as counter:
+        step()
+    gflop = counter.get_total_flops() / 1e9 / B
+    for _ in range(args["warmup"]):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    for i in range(args["steps"]):
+        step()
+        if device.type == "cpu":
+            data.progress("bench", i + 1, args["steps"], t0, unit="steps")
+    sync()
+    step_s = (time.time() - t0) / args["steps"]
+    mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+    peak = matmul_peak(device)
+    loss_diff, grad_diff = fast_vs_plain(args, device, b, lam, cfg)
+    res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+           "batch_size": B, "triplets_per_s": round(B / step_s, 2), "gflop_per_triplet": round(gflop, 2),
+           "achieved_gflops": round(gflop * B / step_s, 1), "peak_gflops": round(peak, 1),
+           "utilization": round(gflop * B / step_s / peak, 3), "step_ms": round(step_s * 1e3, 1),
+           "peak_mem_mb": round(mem, 1), "fast_vs_plain_loss_rel": float(f"{loss_diff:.2g}"),
+           "fast_vs_plain_grad_rel": float(f"{grad_diff:.2g}")}
+    paper = TRIPLETS_PER_EPOCH * EPOCHS / res["triplets_per_s"]
+    for k, v in res.items():
+        print(f"  {k:24s} {v}")
+    print(f"  {'paper schedule (57k)':24s} {paper // 60:.0f}m{paper % 60:02.0f}s of steps")
+    print(json.dumps(res))
+    return res
+
+
+# ----------------------------------------------------------------------------- the ablation study
+# The paper's four runs (Fig. 2/3), and with --single one run per term switched off.
+GROUP_RUNS = {"full": [], "no_pix": ["pix"], "no_consistency": ["consistency"], "no_feature": ["feature"]}
+
+
+def ablation(args):
+    """Train every ablation over --seeds seeds into OUT/NAME/seedK (finished runs are skipped, a
+    cut one resumes), then evaluate them all and write OUT/REPORT.md."""
+    import evaluate
+    root, n_seeds, single = args.pop("out"), args.pop("seeds"), args.pop("single")
+    runs = {name: {"ablate": groups} for name, groups in GROUP_RUNS.items()}
+    if single:
+        runs.update({f"no_{t}": {f"lambda_{t}": 0.0} for t in TERMS})
+    if args["data"] is None:
+        args["data"] = data.ensure_synthetic(CACHE)
+    total = args["steps"] or args["epochs"] * steps_per_epoch(args)
+    dirs = {}
+    for i, (name, change) in enumerate(runs.items()):
+        for seed in range(n_seeds):
+            out = os.path.join(root, name, f"seed{seed}")
+            dirs.setdefault(name, []).append(out)
+            ckpt = os.path.join(out, "ckpt.pt")
+            done = load_checkpoint(ckpt)["step"] if os.path.isfile(ckpt) else 0
+            print(f"ablation {name} seed {seed} ({i * n_seeds + seed + 1}/{len(runs) * n_seeds}): "
+                  + ("finished, skipped" if done >= total else f"training from step {done}"), flush=True)
+            if done >= total:
+                continue
+            run = {**args, **change, "seed": seed, "out": out, "steps": total}
+            if done:
+                run = {**run, "resume": out, "_given": {"steps"}}
+            train(run)
+    report = evaluate.write_report(dirs, root, split=args.get("split"), data=args["data"])
+    print(f"ablation: {len(runs)} runs x {n_seeds} seeds in {root}/; report {report}")
+    return report
+
+
+# ----------------------------------------------------------------------------- reenact (SECTION R)
+# The paper needs the target *image* (its landmarks come from it); real use has only a driver's
+# landmarks. Here any landmark sequence drives a source face, frame by frame.
+REENACT_FRAMES = 100  # a synthetic driver's length: 4 s at 25 fps
+REENACT_FPS = 25
+REENACT_BATCH = 32
+
+
+def face_size(lm):
+    """The larger side of the landmarks' box: what THE crop scales with (data.crop_box), so a motion
+    divided by it is the same in raw-frame pixels, prepared-crop pixels or any resolution."""
+    return float(np.ptp(lm, 0).max())
+
+
+def retarget(src_lm, drv_lms, neutral=0):
+    """Relative retargeting, (68,2) + (T,68,2) -> (T,68,2), each in its own pixels: the source's own
+    landmarks moved by the driver's motion since its neutral frame, scaled by the ratio of face sizes.
+    The source keeps its face shape; absolute landmarks would squeeze a wide face into the driver's."""
+    motion = drv_lms - drv_lms[neutral]
+    return (src_lm + motion * (face_size(src_lm) / face_size(drv_lms[neutral]))).astype(np.float32)
+
+
+def to_crop(lm, box_lm, size, crop_scale):
+    """Points -> pixels of the crop that data.crop_face cuts around box_lm (the same affine)."""
+    x0, y0, side = data.crop_box(box_lm, crop_scale)
+    return ((lm + 0.5 - np.array([x0, y0])) * (size / side) - 0.5).astype(np.float32)
+
+
+def condition(src_uv, drv_lms, size, crop_scale, relative=True, neutral=0):
+    """The landmarks G gets, in the source crop's pixels. Relative: retarget (the crop is a similarity,
+    which commutes with it, so it runs on the source's crop landmarks). Absolute (the paper's setting):
+    every driver frame's landmarks in its own crop, as training presented every target."""
+    if relative:
+        return retarget(src_uv, drv_lms, neutral)
+    return np.stack([to_crop(lm, lm, size, crop_scale) for lm in drv_lms])
+
+
+def flicker(frames):
+    """Temporal change of a uint8 video (T,H,W,3): mean |frame t+1 - frame t| on the 0-255 scale, 0 when
+    static. The motion itself changes pixels too, so reenact reports flicker(generated) / flicker(a
+    reference doing the same motion): 1 = as steady as the real thing, above 1 = added flicker."""
+    f = np.asarray(frames, np.float32)
+    return float(np.abs(np.diff(f, axis=0)).mean()) if len(f) > 1 else 0.0
+
+
+def load_landmarks(path, n=None):
+    """A landmarks .npy: (T,68,2), x then y, 0-based pixels; the first n frames."""
+    try:
+        lms = np.load(path).astype(np.float32)
+    except (OSError, ValueError) as e:
+        raise data.DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    if lms.ndim != 3 or lms.shape[1:] != (data.N_LANDMARKS, 2) or not len(lms) or not np.isfinite(lms).all():
+        raise data.DataError(f"{path}: landmarks of shape {lms.shape}, expected finite (T, {data.N_LANDMARKS}, 2)")
+    return lms[:n]
+
+
+def read_pts_folder(folder, n=None):
+    """Sorted .pts files. Numbered ones must not skip a number: every later frame would get the
+    landmarks of the frame after it."""
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".pts"))[:n]
+    if not files:
+        raise data.DataError(f"{folder}: no .pts files")
+    stems = [f[:-4] for f in files]
+    if all(s.isdigit() for s in stems):
+        gap = next((i for i, s in enumerate(stems) if int(s) != int(stems[0]) + i), None)
+        if gap is not None:
+            want = f"{int(stems[0]) + gap:0{len(stems[0])}d}.pts"
+            raise data.DataError(f"{os.path.join(folder, want)}: missing ({files[gap - 1]} is followed by "
+                                 f"{files[gap]})")
+    return np.stack([data.read_pts(os.path.join(folder, f)) for f in files])
+
+
+def decode(vid):
+    """One frame at a time: 300VW frames are up to 1280 px, a whole video may not fit in memory."""
+    import imageio
+    try:
+        with imageio.get_reader(vid, "ffmpeg") as reader:
+            yield from reader
+    except Exception as e:  # decoders raise many kinds; the first line of ffmpeg's message says why
+        raise data.DataError(f"{vid}: cannot decode ({(str(e).strip() or type(e).__name__).splitlines()[0]})") from None
+
+
+def synthetic(spec, ident, n):
+    """Identity `ident` of the built-in set (seed 0; its video ident+1, so 50 and up are test identities,
+    never trained on) and n frames of its talking motion, drawn for the set's video length so that
+    they are that video's first frames."""
+    if not ident.isdigit():
+        raise data.DataError(f"{spec}: expected synthetic:ID with an integer ID")
+    rng = np.random.default_rng([0, int(ident)])
+    return f"synthetic:{int(ident)}", data.random_identity(rng), data.talking_motion(rng, max(n, data.SYNTH_FRAMES))[:n]
+
+
+def load_driver(spec, n=None):
+    """DRIVER -> {"lms": (T,68,2) in its frames' pixels, "frames": iterable or None, "who": its person
+    (the source's too: absolute by default), "motion": a synthetic driver's (pose, expression)s}."""
+    if spec.startswith("synthetic:"):
+        who, identity, motion = synthetic(spec, spec.split(":")[1], n or REENACT_FRAMES)
+        frames, lms = zip(*(data.render_face(identity, p, e) for p, e in motion))
+        return {"lms": np.stack(lms), "frames": frames, "who": who, "motion": motion}
+    join, frames = lambda f: os.path.join(spec, f), None
+    if os.path.isfile(spec) and spec.endswith(".npy"):
+        lms = load_landmarks(spec, n)
+    elif not os.path.isdir(spec):
+        raise data.DataError(f"{spec}: no such driver (a video folder, landmarks .npy, folder of .pts or synthetic:ID)")
+    elif any(os.path.isfile(join(f)) for f in ("frames.npy", "landmarks.npy")):  # a prepared video
+        lms = load_landmarks(join("landmarks.npy"), n)
+        frames = np.load(join("frames.npy"), mmap_mode="r") if os.path.isfile(join("frames.npy")) else None
+    elif any(os.path.exists(join(f)) for f in ("vid.avi", "annot")):  # the 300VW layout
+        for f in ("annot", "vid.avi"):
+            if not os.path.exists(join(f)):
+                raise data.DataError(f"{join(f)}: missing (a 300VW-layout video is vid.avi + annot/*.pts)")
+        lms, frames = read_pts_folder(join("annot"), n), decode(join("vid.avi"))
+    else:
+        lms = read_pts_folder(spec, n)
+    return {"lms": lms, "frames": frames, "who": os.path.realpath(spec), "motion": None}
+
+
+def load_face(spec, pts=None):
+    """FACE -> {"image", "lm" (68,2) in its pixels, "who", "identity" (synthetic sources only)}."""
+    from PIL import Image
+    if spec.startswith("synthetic:"):
+        ident, t = (spec.split(":") + ["0"])[1:3]
+        if not t.isdigit():
+            raise data.DataError(f"{spec}: expected synthetic:ID:FRAME with an integer FRAME")
+        who, identity, motion = synthetic(spec, ident, int(t) + 1)
+        return dict(zip(("image", "lm"), data.render_face(identity, *motion[-1])), who=who, identity=identity)
+    if ":" in spec and not os.path.exists(spec):  # DIR:FRAME of a prepared or 300VW-layout video
+        import itertools
+        folder, t = spec.rsplit(":", 1)
+        drv = load_driver(folder, int(t) + 1) if t.isdigit() else {"lms": [], "frames": None}
+        image = None if drv["frames"] is None else next(itertools.islice(drv["frames"], int(t), None), None)
+        if image is None or len(drv["lms"]) <= int(t):
+            raise data.DataError(f"{spec}: no frame {t} with landmarks in {folder}")
+        return {"image": np.asarray(image), "lm": drv["lms"][int(t)], "who": drv["who"], "identity": None}
+    try:
+        image = np.asarray(Image.open(spec).convert("RGB"))
+    except OSError:  # missing, or not an image Pillow knows
+        raise data.DataError(f"{spec}: not a readable image") from None
+    pts = pts or os.path.splitext(spec)[0] + ".pts"
+    if not os.path.isfile(pts):
+        raise data.DataError(f"{pts}: missing (the source's 68 landmarks: a .pts beside the image, or --source-pts)")
+    return {"image": image, "lm": data.read_pts(pts), "who": os.path.realpath(spec), "identity": None}
+
+
+@torch.no_grad()
+def reenact_frames(G, cfg, src_crop, lms, batch=REENACT_BATCH):
+    """Î_t = G(I_s; e_t) for every driver frame, batched -> (generated, the heatmaps G got) as uint8."""
+    a, dev, t0, gen, seen = cfg["args"], next(G.parameters()).device, time.time(), [], []
+    I_s = data.to_tensor(src_crop[None].copy()).to(dev)  # a copy: PIL's arrays are read-only
+    for i in range(0, len(lms), batch):
+        e = data.heatmaps(torch.as_tensor(lms[i:i + batch], device=dev), a["size"], a["sigma"], a["window"])
+        gen.append(data.to_uint8(G(I_s.expand(len(e), -1, -1, -1), e)))
+        seen.append(data.to_uint8(e.amax(1, keepdim=True).mul(2).sub(1).expand(-1, 3, -1, -1)))
+        data.progress("reenact", i + len(e), len(lms), t0)
+    return np.concatenate(gen), np.concatenate(seen)
+
+
+def write_video(path, frames, fps):
+    import imageio
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if path.lower().endswith(".gif"):  # Pillow's GIF writer takes milliseconds per frame
+        imageio.v3.imwrite(path, frames, duration=1000 / fps, loop=0)
+        return
+    with imageio.v2.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                               ffmpeg_log_level="error") as video:
+        for f in frames:
+            video.append_data(f)
+
+
+def reenact(args):
+    """The `reenact` command (args: its argparse Namespace). Returns a summary dict."""
+    if os.path.splitext(args.out)[1].lower() not in (".mp4", ".gif"):
+        raise data.DataError(f"{args.out}: the output must be a .mp4 or .gif")
+    if args.frames is not None and args.frames < 1:
+        raise data.DataError(f"--frames {args.frames}: at least 1 frame")
+    G, cfg = load_generator(args.ckpt, torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    size, root, crop_scale = cfg["args"]["size"], cfg["args"].get("data"), data.CROP_SCALE
+    if root and os.path.isfile(os.path.join(root, "prepare.json")):  # crop as the training set was cropped
+        crop_scale = json.load(open(os.path.join(root, "prepare.json"))).get("crop_scale", crop_scale)
+    src, drv = load_face(args.source, args.source_pts), load_driver(args.driver, args.frames)
+    relative = not args.absolute and (args.relative or src["who"] != drv["who"])
+    lms, T = drv["lms"], len(drv["lms"])
+    if not 0 <= args.neutral < T:
+        raise data.DataError(f"{args.driver}: --neutral {args.neutral} is not one of its {T} frames")
+    # Relative mode frames the driver (and the truth) once, at the neutral frame, as the source is
+    # framed once: the head moves in its crop as in the generated one. Absolute: each frame its own crop.
+    box = lambda l, t: l[args.neutral] if relative else l[t]
+    src_crop, src_uv = data.crop_face(src["image"], src["lm"], size, crop_scale)
+    panels = []
+    if drv["frames"] is not None:
+        panels = [data.crop_face(np.asarray(f), box(lms, t), size, crop_scale)[0]
+                  for t, f in zip(range(T), drv["frames"])]  # range first: zip stops before decoding more
+        if len(panels) < T:
+            print(f"note: {args.driver}: {len(panels)} frames for {T} landmark sets; using the first {len(panels)}")
+            T = len(panels)
+    gen, seen = reenact_frames(G, cfg, src_crop, condition(src_uv, lms, size, crop_scale, relative, args.neutral)[:T])
+    ref, ref_name = (np.stack(panels), "driver") if panels else (None, None)
+    if src.get("identity") and drv["motion"]:  # synthetic: the source identity really doing the motion
+        truth = [data.render_face(src["identity"], p, e) for p, e in drv["motion"][:T]]
+        gt_lms = np.stack([lm for _, lm in truth])
+        ref = np.stack([data.crop_face(im, box(gt_lms, t), size, crop_scale)[0] for t, (im, _) in enumerate(truth)])
+        ref_name = "ground truth"
+    video = np.concatenate(([np.stack(panels)] if panels else []) + [seen, gen], axis=2)
+    video = video.repeat(args.zoom, 1).repeat(args.zoom, 2)
+    write_video(args.out, video, args.fps)
+    if args.frames_dir:
+        from PIL import Image
+        os.makedirs(args.frames_dir, exist_ok=True)
+        for t, f in enumerate(video):
+            Image.fromarray(f).save(os.path.join(args.frames_dir, f"{t:05d}.png"))
+    mode = "relative" if relative else "absolute"
+    out = {"out": args.out, "frames": T, "mode": mode, "flicker": flicker(gen)}
+    if ref is not None:
+        out["flicker_ref"] = flicker(ref)
+        out["flicker_ratio"] = out["flicker"] / out["flicker_ref"] if out["flicker_ref"] else math.nan
+    print(f"wrote {args.out} ({T} frames, {mode} retargeting; panels: {'driver | ' if panels else ''}landmarks G "
+          f"gets | generated)" + (f", PNGs in {args.frames_dir}/" if args.frames_dir else ""))
+    vs = (f", {ref_name} {out['flicker_ref']:.2f}, ratio {out['flicker_ratio']:.2f} (1 = as steady as the "
+          f"{ref_name})") if ref is not None else ""
+    print(f"flicker (mean |frame-to-frame change| of 255): generated {out['flicker']:.2f}{vs}")
+    return out
+
+
+def add_reenact_options(p):
+    p.add_argument("--ckpt", required=True, help="run folder (runs/NAME) or checkpoint file")
+    p.add_argument("--source", required=True, metavar="FACE", help="an image (+ its .pts beside it or "
+                   "--source-pts), DIR:FRAME of a prepared or 300VW-layout video, or synthetic:ID:FRAME")
+    p.add_argument("--source-pts", help="the source image's 68 landmarks (.pts)")
+    p.add_argument("--driver", required=True, help="a 300VW-layout or prepared video folder, a landmarks "
+                   ".npy (T x 68 x 2, 0-based pixels), a folder of .pts, or synthetic:ID")
+    p.add_argument("--out", required=True, help="the video: .mp4 or .gif")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--absolute", action="store_true",
+                      help="the driver's landmarks as they are (the paper's setting; default for the same person)")
+    mode.add_argument("--relative", action="store_true",
+                      help="the source's landmarks moved by the driver's motion (default for different people)")
+    p.add_argument("--neutral", type=int, default=0, help="driver frame whose expression is the source's (relative)")
+    p.add_argument("--frames", type=int, help=f"use the first N driver frames (synthetic: default {REENACT_FRAMES})")
+    p.add_argument("--fps", type=float, default=REENACT_FPS)
+    p.add_argument("--zoom", type=int, default=1, help="enlarge the panels K times (nearest neighbour)")
+    p.add_argument("--frames-dir", help="also write every frame as a PNG into this folder")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -375,7 +761,7 @@ def add_train_options(p):
         p.add_argument(f"--lambda-{t}", type=float, help=f"weight of L_{t} (default {losses.LAMBDAS[t]:g})")
     p.add_argument("--ablate", action="append", default=[], choices=sorted(losses.GROUPS),
                    help="switch off a group of terms (repeatable): pix, consistency (self+triple), feature (pp+id)")
-    p.add_argument("--vgg", help="torchvision VGG-19 state dict (vgg19-dcbb9e9d.pth)")
+    p.add_argument("--vgg", help="torchvision VGG-19 state dict (vgg19-dcbb9e9d.pth), or 'random' to skip the lookup")
     p.add_argument("--vgg-widths", type=int, nargs=5, metavar="C",
                    help="narrower VGG block widths for smoke tests (random features only, no --vgg)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -414,6 +800,23 @@ def main(argv=None):
     p.add_argument("--frames", type=int, help="frames per video (default: data.synth's)")
     p.add_argument("--size", type=int, help="frame size in pixels (default: data.synth's)")
     p.add_argument("--workers", type=int, default=2)
+    p = sub.add_parser("ablation", help="the paper's loss ablations over seeds, then REPORT.md")
+    add_train_options(p)
+    p.set_defaults(out=os.path.join("runs", "ablation"))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--single", action="store_true", help="also the six single-term ablations")
+    p.add_argument("--split", help="test split to evaluate (default: the first with videos)")
+    p = sub.add_parser("bench", help="time full training steps against the device's matmul peak")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--ngf", type=int, default=NGF)
+    p.add_argument("--n-down", type=int, default=N_DOWN)
+    p.add_argument("--ndf", type=int, default=NDF)
+    p.add_argument("--compile", action="store_true")
+    add_reenact_options(sub.add_parser("reenact", help="drive a face with another video's landmarks"))
     args = parser.parse_args(argv)
     try:
         if args.verb == "train":
@@ -431,6 +834,16 @@ def main(argv=None):
             sizes = {k: v for k, v in (("n_frames", args.frames), ("size", args.size)) if v is not None}
             data.synth(args.out, n_videos=tuple(args.videos), seed=args.seed, workers=args.workers, **sizes)
             print(f"synthetic videos in {args.out}/ (prepare them with: facesynth.py prepare {args.out} OUT)")
+        elif args.verb == "ablation":
+            a = vars(args)
+            a.pop("verb")
+            if a.pop("resume") or a["ablate"]:
+                fail("ablation chooses --ablate itself and resumes unfinished runs on its own")
+            ablation(a)
+        elif args.verb == "bench":
+            bench(vars(args))
+        elif args.verb == "reenact":
+            reenact(args)
     except (data.DataError, FloatingPointError) as e:
         fail(str(e))
 

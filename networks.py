@@ -205,22 +205,26 @@ class VGG19(nn.Module):
         self.load_state_dict(own)
 
 
+RANDOM_WARNING = "\n".join(["", "!" * 78, "!! WARNING: no VGG-19 weights; {why}",
+                            "!! L_pp and L_id will use RANDOMLY INITIALISED VGG features: they still",
+                            "!! compare images, but not as an ImageNet-trained network sees them.",
+                            "!! Fix: put " + VGG_FILE + " at {path} or pass --vgg PATH.", "!" * 78, ""])
+
+
 def load_vgg(layers, path=None, log=print, widths=VGG_WIDTHS):
     """VGG-19 weights from, in order: `path`, torch's hub cache, a download; else random features.
     Returns (vgg, source) with source the file used or "random"."""
     vgg = VGG19(layers, widths)
+    if path == "random":  # asked for: no lookup, no download attempt, but the same loud warning
+        log(RANDOM_WARNING.format(why="--vgg random was given", path=os.path.join(torch.hub.get_dir(), "checkpoints", VGG_FILE)))
+        return vgg, "random"
     if path is None:
         path = os.path.join(torch.hub.get_dir(), "checkpoints", VGG_FILE)
         if not os.path.isfile(path):
             try:
                 _download(VGG_URL, path, log)
             except (OSError, http.client.HTTPException) as e:  # offline, refused, cut off
-                log("\n".join(["", "!" * 78,
-                               f"!! WARNING: no VGG-19 weights; downloading {VGG_URL} failed: {e}",
-                               "!! L_pp and L_id will use RANDOMLY INITIALISED VGG features: they still",
-                               "!! compare images, but not as an ImageNet-trained network sees them.",
-                               f"!! Fix: put {VGG_FILE} at {path} or pass --vgg PATH.",
-                               "!" * 78, ""]))
+                log(RANDOM_WARNING.format(why=f"downloading {VGG_URL} failed: {e}", path=path))
                 return vgg, "random"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,542 @@
+"""Evaluation of trained facesynth runs: the paper's figures and the numbers it never reported.
+
+    python evaluate.py heatmaps --runs runs/A runs/B   # Appendix B: error heatmaps of generated images
+    python evaluate.py grid     --runs runs/A          # Fig. 1: source, landmarks, generated, target
+    python evaluate.py losses   --runs runs/A runs/B   # Fig. 3 loss-term bars, Fig. 4 loss curves
+    python evaluate.py metrics  --runs runs/A runs/B   # L1 / PSNR / SSIM (+ cross-identity) with 95 % CIs
+
+Figures: PIL, written by the small PNG writer below. Pairs are a pure function of (dataset, split,
+n, seed): runs on one dataset are scored on the same pairs and compared pair by pair (write_report).
+"""
+import argparse
+import csv
+import importlib.util
+import json
+import math
+import os
+import struct
+import time
+import zlib
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import data
+import facesynth
+from data import DataError, progress  # metrics(data=...), the lead's API, hides the module there
+
+# ----------------------------------------------------------------------------- defaults
+N_FIGURE, N_EVAL, SEED = 6, 200, 0   # pairs in a figure, pairs scored by metrics, pair-sampling seed
+VMIN, VMAX = 0, 96                   # the paper: error 0 -> dark blue, >= 96 of 255 -> yellow
+N_PERM = 10000                       # sign flips in the paired permutation test
+FLICKER_VIDEOS, FLICKER_FRAMES = 8, 40  # flicker: the first 8 videos of the split, 40 frames each
+TAIL = 0.1                           # "end of training" = mean of the last 10 % of the log's rows
+TERMS = facesynth.TERMS              # adv pix self triple pp id
+LEAK_ATTRS = ("glasses", "beard")    # synthetic attributes (None or a dict) an identity may lack
+LEAK_LEVELS = 8                      # an attribute's mask: where it changes the render by > 8 of 255
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+# Viridis (van der Walt & Smith; matplotlib's _viridis_data, CC0): 22 of its 256 entries as
+# (index, r, g, b), picked greedily so that linear interpolation between them stays within 0.82 of
+# one 8-bit level of every published entry (8-bit colours off by at most 1).
+VIRIDIS = np.array([
+    (0, .267004, .004874, .329415), (14, .281446, .084320, .407414), (26, .282290, .145912, .461510),
+    (38, .273006, .204520, .501721), (50, .255645, .260703, .528312), (65, .227802, .326594, .546532),
+    (83, .194100, .399323, .555565), (108, .154815, .493313, .557840), (128, .127568, .566949, .550556),
+    (142, .119699, .618490, .536347), (153, .134692, .658636, .517649), (164, .175707, .697900, .491033),
+    (176, .246070, .738910, .452024), (188, .335885, .777018, .402049), (202, .458674, .816363, .329727),
+    (214, .575563, .844566, .256415), (231, .751884, .874951, .143228), (238, .824940, .884720, .106217),
+    (242, .866013, .889868, .095953), (246, .906311, .894855, .098125), (250, .945636, .899815, .112838),
+    (255, .993248, .906157, .143936)])
+T975 = (12.706, 4.303, 3.182, 2.776)  # Student t 97.5 % quantiles, df 1..4
+FONT = {s: ImageFont.load_default(size=s) for s in (10, 11, 13)}  # Pillow >= 10: scalable
+
+
+# ----------------------------------------------------------------------------- PNG, colours, drawing
+def write_png(path, img):
+    """8-bit grey (H,W) or RGB (H,W,3) -> PNG: signature, then IHDR, one zlib IDAT and IEND chunks,
+    each length + type + data + CRC-32(type + data). Every row starts with filter byte 0 (none)."""
+    img = np.ascontiguousarray(img, dtype=np.uint8)
+    h, w = img.shape[:2]
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), img.reshape(h, -1)], axis=1)
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0 if img.ndim == 2 else 2, 0, 0, 0)  # depth 8, grey / RGB
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9))
+                + chunk(b"IEND", b""))
+    return path
+
+
+def viridis(t):
+    """Values in [0, 1] (clipped) -> uint8 (..., 3) viridis colours."""
+    x = np.clip(np.asarray(t, dtype=np.float64), 0, 1) * 255
+    rgb = np.stack([np.interp(x, VIRIDIS[:, 0], VIRIDIS[:, c]) for c in (1, 2, 3)], axis=-1)
+    return np.round(rgb * 255).astype(np.uint8)
+
+
+def error_heatmap(generated, target, vmin=VMIN, vmax=VMAX):
+    """Appendix B: |generated - target| averaged over colour channels on the 0-255 scale, viridis."""
+    err = np.abs(generated.astype(np.float64) - target.astype(np.float64)).mean(-1)
+    return viridis((err - vmin) / (vmax - vmin))
+
+
+def draw_landmarks(lm, size):
+    """The paper's landmark columns: 68 white dots on a dark canvas."""
+    canvas, xy = np.full((size, size, 3), 24, np.uint8), np.clip(np.round(lm).astype(int), 0, size - 1)
+    canvas[xy[:, 1], xy[:, 0]] = 255
+    return canvas
+
+
+def tile_figure(columns, labels, colorbar=None):
+    """Columns of (N,S,S,3) tiles scaled up to >= 128 px (so the labels fit), labels on top, and for
+    heatmaps a viridis colour bar (vmin, vmax) underneath. Returns uint8 (H,W,3)."""
+    n, size = columns[0].shape[:2]
+    cell = size * max(1, 128 // size)
+    im = Image.new("RGB", (cell * len(labels), 18 + cell * n + (34 if colorbar else 0)), "white")
+    d = ImageDraw.Draw(im)
+    for c, (label, column) in enumerate(zip(labels, columns)):
+        d.text((c * cell + cell / 2, 2), label[:22], fill="black", anchor="ma", font=FONT[11])
+        for r, tile in enumerate(column):
+            im.paste(Image.fromarray(tile).resize((cell, cell), Image.NEAREST), (c * cell, 18 + r * cell))
+    if colorbar:
+        y, w = 22 + cell * n, min(im.width - 40, 256)
+        im.paste(Image.fromarray(np.repeat(viridis(np.linspace(0, 1, w))[None], 10, 0)), (20, y))
+        for f, v in zip((0, .5, 1), (colorbar[0], sum(colorbar) / 2, colorbar[1])):
+            d.text((20 + f * (w - 1), y + 12), f"{v:g}" + "+" * (f == 1), fill="black", anchor="ma", font=FONT[11])
+        d.text((w + 28, y), "|generated - target|, 0-255", fill="black", font=FONT[11])
+    return np.asarray(im)
+
+
+def ticks(lo, hi, log=False):
+    """Powers of ten on a log axis, else about five at 1, 2 or 5 x 10^k."""
+    if log:
+        return [10.0 ** k for k in range(math.ceil(math.log10(lo)), math.floor(math.log10(hi)) + 1)]
+    raw = (hi - lo) / 5 or 1.0
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+    return list(np.arange(math.ceil(lo / step) * step, hi + step * 1e-6, step))
+
+
+def axes(d, box, xr, yr, log=False, title="", xlabel="", ylabel="", xticks=True):
+    """Frame, ticks and labels around box (x0, y0, x1, y1); returns the data -> pixel maps."""
+    x0, y0, x1, y1 = box
+    tf = math.log10 if log else float
+    fx = lambda v: x0 + (v - xr[0]) / ((xr[1] - xr[0]) or 1) * (x1 - x0)
+    fy = lambda v: y1 - (tf(v) - tf(yr[0])) / ((tf(yr[1]) - tf(yr[0])) or 1) * (y1 - y0)
+    d.rectangle(box, outline="black")
+    for v in ticks(*yr, log):
+        d.line([(x0 - 4, fy(v)), (x0, fy(v))], fill="black")
+        d.text((x0 - 6, fy(v)), f"{v:.3g}", fill="black", anchor="rm", font=FONT[11])
+    for v in ticks(*xr, False) if xticks else []:
+        d.line([(fx(v), y1), (fx(v), y1 + 4)], fill="black")
+        d.text((fx(v), y1 + 6), f"{v:.6g}", fill="black", anchor="ma", font=FONT[11])
+    d.text(((x0 + x1) / 2, y0 - 22), title, fill="black", anchor="ma", font=FONT[13])
+    d.text((x0 - 50, y0 - 8), ylabel, fill="black", anchor="ls", font=FONT[11])
+    d.text(((x0 + x1) / 2, y1 + 22), xlabel, fill="black", anchor="ma", font=FONT[11])
+    return fx, fy
+
+
+def panels(n, w=380, h=280):
+    """A white canvas for n plot panels, 4 to a row, and each panel's plotting box."""
+    im = Image.new("RGB", (w * min(n, 4), h * math.ceil(n / 4)), "white")
+    return im, [(c * w + 70, r * h + 48, c * w + w - 15, r * h + h - 45) for r, c in (divmod(i, 4) for i in range(n))]
+
+
+# ----------------------------------------------------------------------------- runs, pairs, generation
+def labels(run_dirs):
+    """Short unique run names: the paths below their common folder (runs/abl/full/s0 -> full-s0)."""
+    paths = [os.path.abspath(r) for r in run_dirs]
+    base = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+    return [os.path.relpath(p, base).replace(os.sep, "-") if p != base else os.path.basename(p) for p in paths]
+
+
+_VIDEOS = {}
+
+
+def videos_of(root, split=None):
+    """(split, videos) of a prepared root, cached as several runs share a dataset. The default split
+    is the first test split that has videos (a small synthetic set may leave some empty)."""
+    if split is None and os.path.isfile(os.path.join(root, "split.json")):  # else load_videos says so
+        with open(os.path.join(root, "split.json")) as f:
+            split = next((k for k, v in sorted(json.load(f).items()) if k.startswith("test") and v), "test1")
+    if (root, split) not in _VIDEOS:
+        _VIDEOS[root, split] = data.load_videos(root, split)
+    return split, _VIDEOS[root, split]
+
+
+def eval_pairs(videos, n, seed=SEED):
+    """n (video, source frame, target frame): the paper's setting, two distinct frames of one video.
+    Drawn one after another, so the first k of n pairs are the k pairs: figures show metrics' pairs."""
+    rng, out = np.random.default_rng(seed), []
+    for _ in range(n):
+        v = int(rng.integers(len(videos)))
+        out.append((v, *(int(i) for i in rng.choice(len(videos[v]["landmarks"]), size=2, replace=False))))
+    return out
+
+
+def gather(videos, n, seed=SEED):
+    """Source images, source landmarks, target images, target landmarks of eval_pairs(videos, n, seed)."""
+    pairs = eval_pairs(videos, n, seed)
+    get = lambda key, i: np.stack([videos[p[0]][key][p[i]] for p in pairs])
+    return get("frames", 1), get("landmarks", 1), get("frames", 2), get("landmarks", 2)
+
+
+@torch.no_grad()
+def generate(G, cfg, src, lm, batch=32):
+    """Î = G(I_s; e): uint8 sources (N,S,S,3), target landmarks (N,68,2) -> uint8 (N,S,S,3)."""
+    a, dev, out = cfg["args"], next(G.parameters()).device, []
+    if src.shape[1] != a["size"]:
+        raise DataError(f"the dataset's images are {src.shape[1]} px, the run was trained at {a['size']} px")
+    for i in range(0, len(src), batch):
+        e = data.heatmaps(torch.as_tensor(np.asarray(lm[i:i + batch]), device=dev), a["size"], a["sigma"], a["window"])
+        out.append(data.to_uint8(G(data.to_tensor(torch.as_tensor(np.asarray(src[i:i + batch]), device=dev)), e)))
+    return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------- metrics
+def flicker_ratio(G, cfg, video, n=FLICKER_FRAMES):
+    """Temporal consistency (the paper's ethics section: frame-by-frame generation flickers): a test
+    video's first frame driven by its own next n landmarks; the generated video's mean frame-to-frame
+    change over the real video's. 1 = as steady as the real footage, above 1 = flicker."""
+    T = min(len(video["landmarks"]), n)
+    gen = generate(G, cfg, np.repeat(np.asarray(video["frames"][:1]), T, 0), video["landmarks"][:T])
+    return facesynth.flicker(gen) / max(facesynth.flicker(np.asarray(video["frames"][:T])), 1e-6)
+
+
+def ssim(a, b):
+    """SSIM of Wang et al. (2004): 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, L = 255,
+    'valid' borders, per colour channel, averaged. uint8 (N,S,S,3) pairs -> (N,) float."""
+    x, y = (torch.as_tensor(np.asarray(im), dtype=torch.float64).permute(0, 3, 1, 2) for im in (a, b))
+    g = torch.exp(-(torch.arange(11, dtype=torch.float64) - 5) ** 2 / (2 * 1.5 ** 2))
+    f = lambda z: torch.nn.functional.conv2d(z, (g[:, None] * g[None, :] / g.sum() ** 2).expand(3, 1, 11, 11), groups=3)
+    mx, my = f(x), f(y)
+    vx, vy, cxy = f(x * x) - mx ** 2, f(y * y) - my ** 2, f(x * y) - mx * my
+    C1, C2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    return ((2 * mx * my + C1) * (2 * cxy + C2) / ((mx ** 2 + my ** 2 + C1) * (vx + vy + C2))).mean((1, 2, 3)).numpy()
+
+
+def scores(gen, tgt, prefix=""):
+    """Per pair: L1 = mean |difference| in 0-255 levels, PSNR in dB (peak 255; MSE floored at 1e-10
+    so identical images score a finite 148 dB, not inf), SSIM."""
+    diff = gen.astype(np.float64) - tgt.astype(np.float64)
+    mse = (diff ** 2).mean((1, 2, 3))
+    psnr = 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))
+    return {prefix + "L1": np.abs(diff).mean((1, 2, 3)), prefix + "PSNR": psnr, prefix + "SSIM": ssim(gen, tgt)}
+
+
+def mean_ci(x):
+    """[mean, low, high]: the 95 % t-interval mean +- t * s / sqrt(n), t from a table to df 4, then
+    the Cornish-Fisher expansion around z = 1.96 (error < 0.003); nan bounds below 2 values."""
+    x, df = np.asarray(x, dtype=np.float64), len(x) - 1
+    if df < 1:
+        return [float(x.mean()) if len(x) else math.nan, math.nan, math.nan]
+    t = T975[df - 1] if df <= len(T975) else 1.959964 + 2.372271 / df + 2.822499 / df ** 2 + 2.555850 / df ** 3
+    h = t * x.std(ddof=1) / math.sqrt(len(x))
+    return [float(x.mean()), float(x.mean() - h), float(x.mean() + h)]
+
+
+def sign_flip_p(d, n=N_PERM, seed=SEED):
+    """Two-sided paired permutation test of mean(d) = 0: under H0 (the two sides are exchangeable on
+    every pair) each difference's sign is a coin toss. p = (1 + #{|flipped sum| >= |sum|}) / (n + 1)."""
+    d = np.asarray(d, dtype=np.float64)
+    flips = np.random.default_rng(seed).choice((-1.0, 1.0), size=(n, len(d)))
+    return float((1 + np.sum(np.abs(flips @ d) >= abs(d.sum()) - 1e-9)) / (n + 1))
+
+
+def render_crop(identity, frame, prep):
+    """A synthetic frame rendered afresh and cut by THE crop, as prepare made the frames. Their raw size
+    is not recorded: the landmarks do not depend on it, the pixels barely (and the video coding more)."""
+    img, lm = data.render_face(identity, frame["pose"], frame["expression"], prep.get("raw_size", data.SYNTH_SIZE))
+    return data.crop_face(img, lm, prep["size"], prep["crop_scale"])
+
+
+_TARGETS = {}
+
+
+def cross_targets(root, split, videos, n, seed=SEED):
+    """Ground truth nobody can film: for n (A, s, B, j), A != B, identity A rendered with B's frame-j
+    pose and expression. Its landmarks (B's pose/expression on A's face shape) are the condition, its
+    image the target; where B wears a LEAK_ATTRS attribute that A lacks, A is also rendered with it."""
+    if (root, split, n, seed) not in _TARGETS:
+        with open(os.path.join(root, "prepare.json")) as f:
+            prep = json.load(f)
+        rng = np.random.default_rng([seed, 1])  # a stream of its own: the same-video pairs stay put
+        t = {"pairs": [], "src": [], "img": [], "lm": [], "drv_lm": [], "leak": {k: [] for k in LEAK_ATTRS}}
+        for i in range(n):
+            a, b = (int(v) for v in rng.choice(len(videos), size=2, replace=False))
+            s, j = (int(rng.integers(len(videos[v]["landmarks"]))) for v in (a, b))
+            (A, B), fb = (videos[v]["params"]["identity"] for v in (a, b)), videos[b]["params"]["frames"][j]
+            for key, val in zip(t, ((a, s, b, j), videos[a]["frames"][s], *render_crop(A, fb, prep),
+                                   videos[b]["landmarks"][j])):
+                t[key].append(val)
+            for k in LEAK_ATTRS:
+                if B.get(k) and not A.get(k):
+                    t["leak"][k].append((i, render_crop({**A, k: B[k]}, fb, prep)[0]))
+        _TARGETS[root, split, n, seed] = {k: v if k in ("pairs", "leak") else np.stack(v) for k, v in t.items()}
+    return _TARGETS[root, split, n, seed]
+
+
+def leak_score(gen, bare, worn):
+    """Identity leak on one pair: among the pixels where A without and with B's attribute differ by more
+    than LEAK_LEVELS (the attribute's mask; thin glasses frames at 32 px change pixels by ~15 levels),
+    the fraction where the generated image is closer (mean |.| over colour) to the render WITH it.
+    0 = nothing of B's glasses/beard (a perfect G); 1 = all of it copied."""
+    d = lambda x, y: np.abs(x.astype(np.float64) - y.astype(np.float64)).mean(-1)
+    mask = d(bare, worn) > LEAK_LEVELS
+    return float((d(gen, worn) < d(gen, bare))[mask].mean()) if mask.any() else math.nan
+
+
+def judge_scores(gen, src, src_lm, tgt_lm, k=4):
+    """The optional real-data judge, dlib (pip install dlib-bin face-recognition-models), or None when
+    it is not installed. lm_err: mean distance of dlib's 68 points on the generated face to the target
+    landmarks over the outer eye corners' distance (36-45); id_dist: descriptor distance generated vs
+    source (dlib: < 0.6 = same person). Crops are upsampled k times (dlib wants faces > 80 px) and the
+    face box comes from the known landmarks, as dlib's detector misses faces this small."""
+    try:
+        import dlib
+        # the model files' folder, found without importing the package: its __init__ needs
+        # pkg_resources, which recent setuptools no longer ship
+        models = os.path.join(importlib.util.find_spec("face_recognition_models").submodule_search_locations[0],
+                              "models")
+    except (ImportError, AttributeError):
+        return None
+    predictor = dlib.shape_predictor(os.path.join(models, "shape_predictor_68_face_landmarks.dat"))
+    descriptor = dlib.face_recognition_model_v1(os.path.join(models, "dlib_face_recognition_resnet_model_v1.dat"))
+    up = lambda im: np.ascontiguousarray(Image.fromarray(im).resize((im.shape[1] * k,) * 2, Image.BICUBIC))
+    box = lambda lm: dlib.rectangle(*(int(v) for v in np.r_[lm.min(0), lm.max(0) + 1] * k))
+    desc = lambda im, lm: np.array(descriptor.compute_face_descriptor(im, predictor(im, box(lm))))
+    out = {"lm_err": [], "id_dist": []}
+    for g, s, ls, lt in zip(map(up, gen), map(up, src), src_lm, tgt_lm):
+        pts = (np.array([(p.x, p.y) for p in predictor(g, box(lt)).parts()]) + 0.5) / k - 0.5
+        out["lm_err"].append(np.linalg.norm(pts - lt, axis=1).mean() / np.linalg.norm(lt[36] - lt[45]))
+        out["id_dist"].append(np.linalg.norm(desc(g, lt) - desc(s, ls)))
+    return out
+
+
+def metrics(run_dirs, split=None, data=None, n_pairs=N_EVAL, seed=SEED, device="cpu"):
+    """Score each run on the deterministic pairs of its dataset (its config's, unless `data`). Returns
+    {"split", "n_pairs", "seed", "judge", "runs": {run_dir: {"data", "split", "pairs": {metric: [per
+    pair]}, "summary": {metric: [mean, low, high]}}}}, the interval a 95 % t-interval over pairs."""
+    out, t0 = {"n_pairs": n_pairs, "seed": seed, "runs": {}}, time.time()
+    for i, run_dir in enumerate(run_dirs):
+        G, cfg = facesynth.load_generator(run_dir, device)
+        root = data or cfg["args"]["data"]
+        out["split"], videos = videos_of(root, split)
+        src, src_lm, tgt, tgt_lm = gather(videos, n_pairs, seed)
+        gen = generate(G, cfg, src, tgt_lm)
+        judged = judge_scores(gen, src, src_lm, tgt_lm)
+        out["judge"] = "dlib" if judged else "skipped (dlib / face_recognition_models not installed)"
+        pairs = {**scores(gen, tgt), **(judged or {})}
+        if len(videos) > 1 and all(v["params"] for v in videos):  # the synthetic set: cross-identity
+            t = cross_targets(root, out["split"], videos, n_pairs, seed)
+            x_gen = generate(G, cfg, t["src"], t["lm"])
+            pairs.update(scores(x_gen, t["img"], "x_"))
+            # the paper's setting: the driver's own landmarks (B's face shape), against the same truth
+            pairs.update(scores(generate(G, cfg, t["src"], t["drv_lm"]), t["img"], "xabs_"))
+            pairs.update({"leak_" + k: [leak_score(x_gen[j], t["img"][j], worn) for j, worn in items]
+                          for k, items in t["leak"].items() if items})
+        pairs["flicker"] = [flicker_ratio(G, cfg, v) for v in videos[:FLICKER_VIDEOS]]
+        # nan = a leak pair whose attribute left no mask: the same pairs for every run, still paired
+        pairs = {k: [float(x) for x in v if np.isfinite(x)] for k, v in pairs.items()}
+        out["runs"][run_dir] = {"data": root, "split": out["split"], "pairs": pairs,
+                                "summary": {k: mean_ci(v) for k, v in pairs.items()}}
+        progress("metrics", i + 1, len(run_dirs), t0, unit="runs")
+    return out
+
+
+# ----------------------------------------------------------------------------- figures
+def generated_pairs(run_dirs, split, data_root, n, seed, device):
+    """The first n evaluation pairs of the runs' (one) dataset as image columns: source, its landmarks
+    drawn, target, its landmarks drawn, and the list of each run's generated images."""
+    runs = [facesynth.load_generator(r, device) for r in run_dirs]
+    roots = {data_root or cfg["args"]["data"] for _, cfg in runs}
+    if len(roots) > 1:  # a figure's rows are shared, so the runs must be
+        raise DataError(f"runs use different datasets ({', '.join(sorted(roots))}); pick one with --data")
+    src, src_lm, tgt, tgt_lm = gather(videos_of(roots.pop(), split)[1], n, seed)
+    dots = lambda lms: np.stack([draw_landmarks(lm, src.shape[1]) for lm in lms])
+    return src, dots(src_lm), tgt, dots(tgt_lm), [generate(G, cfg, src, tgt_lm) for G, cfg in runs]
+
+
+def heatmap_figure(run_dirs, out, split=None, data_root=None, n=N_FIGURE, seed=SEED, device="cpu",
+                   vmin=VMIN, vmax=VMAX):
+    """Appendix B, a row per pair: source landmarks, source, target landmarks, target, each run's
+    generated image, each run's error heatmap; also each heatmap alone in out/heatmaps/."""
+    src, src_dots, tgt, tgt_dots, gens = generated_pairs(run_dirs, split, data_root, n, seed, device)
+    heats, names = [error_heatmap(g, tgt, vmin, vmax) for g in gens], labels(run_dirs)
+    for name, h in zip(names, heats):
+        for i, img in enumerate(h):
+            write_png(os.path.join(out, "heatmaps", f"{name}_pair{i}.png"), img)
+    head = ["source landmarks", "source", "target landmarks", "target"]
+    head += [f"{r}: generated" for r in names] + [f"{r}: error" for r in names]
+    return write_png(os.path.join(out, "heatmaps.png"), tile_figure([src_dots, src, tgt_dots, tgt, *gens, *heats],
+                                                                    head, (vmin, vmax)))
+
+
+def grid_figures(run_dirs, out, split=None, data_root=None, n=N_FIGURE, seed=SEED, device="cpu"):
+    """Fig. 1, a PNG per run: source, source landmarks, generated, target, target landmarks."""
+    paths, head = [], ["source", "source landmarks", "generated", "target", "target landmarks"]
+    for run_dir, name in zip(run_dirs, labels(run_dirs)):
+        src, src_dots, tgt, tgt_dots, (gen,) = generated_pairs([run_dir], split, data_root, n, seed, device)
+        figure = tile_figure([src, src_dots, gen, tgt, tgt_dots], head)
+        paths.append(write_png(os.path.join(out, f"grid_{name}.png"), figure))
+    return paths
+
+
+def read_log(run_dir):
+    """Steps, and each weighted term lambda * L_term over training (ablated ones, lambda = 0, left
+    out) plus the total L_G, from log.csv (raw terms) and config.json (the effective lambdas)."""
+    try:
+        with open(os.path.join(run_dir, "log.csv")) as f:
+            rows = list(csv.DictReader(f))
+        with open(os.path.join(run_dir, "config.json")) as f:
+            lam = json.load(f)["lambdas"]
+        col = lambda k: np.array([float(r[k] or "nan") for r in rows])
+        curves = {"L_G": col("L_G"), **{t: lam[t] * col("L_" + t) for t in TERMS if lam.get(t)}}
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{run_dir}: cannot read log.csv / config.json ({type(e).__name__}: {e})") from None
+    if not rows:
+        raise DataError(f"{run_dir}/log.csv: no rows yet")
+    return col("step"), curves
+
+
+def loss_figures(run_dirs, out):
+    """Fig. 3: each term's weighted magnitude at the end of training (mean of the log's last TAIL), a
+    panel per run on one scale. Fig. 4: L_G and the weighted terms over training, moving-average
+    smoothed, log scale, one scale. Returns the two PNG paths."""
+    logs, names = [read_log(r) for r in run_dirs], labels(run_dirs)
+    ends = [[float(np.nanmean(c[t][-max(1, int(len(s) * TAIL)):])) if t in c else 0.0 for t in TERMS] for s, c in logs]
+    im, boxes = panels(len(logs))
+    d, top = ImageDraw.Draw(im), max(max(map(max, ends)), 1e-12) * 1.15
+    for name, e, box in zip(names, ends, boxes):
+        fx, fy = axes(d, box, (0, len(TERMS)), (0, top), title=name, ylabel="lambda * L, end of training", xticks=False)
+        for i, (t, v) in enumerate(zip(TERMS, e)):
+            d.rectangle([fx(i + 0.2), fy(v), fx(i + 0.8), fy(0)], fill=COLORS[i])
+            d.text((fx(i + 0.5), fy(v) - 2), f"{v:.3g}" if v else "off", fill="black", anchor="md", font=FONT[10])
+            d.text((fx(i + 0.5), box[3] + 6), t, fill="black", anchor="ma", font=FONT[11])
+    bars = write_png(os.path.join(out, "loss_bars.png"), np.asarray(im))
+    k = lambda y: max(1, len(y) // 20)  # smoothing window: a twentieth of the log
+    smooth = lambda y: np.convolve(np.nan_to_num(y), np.ones(k(y)) / k(y), "valid")
+    colour = lambda t: COLORS[TERMS.index(t)] if t in TERMS else "black"
+    pos = np.concatenate([smooth(y)[smooth(y) > 0] for _, c in logs for y in c.values()] + [np.ones(1)])
+    im, boxes = panels(len(logs))
+    d = ImageDraw.Draw(im)
+    for name, (steps, c), box in zip(names, logs, boxes):
+        x = steps[k(steps) - 1:]
+        fx, fy = axes(d, box, (x[0], max(x[-1], x[0] + 1)), (pos.min(), pos.max() * 1.5), log=True,
+                      title=name, xlabel="step", ylabel="lambda * L (smoothed)")
+        for t, y in c.items():
+            d.line([(fx(a), fy(b)) for a, b in zip(x, smooth(y)) if b > 0], fill=colour(t), width=1 + (t == "L_G"))
+        d.rectangle([box[2] - 64, box[1] + 2, box[2] - 2, box[1] + 6 + 12 * len(c)], fill="white", outline="grey")
+        for j, t in enumerate(c):  # the legend, on top of the curves
+            d.line([(box[2] - 60, box[1] + 10 + 12 * j), (box[2] - 45, box[1] + 10 + 12 * j)], fill=colour(t), width=2)
+            d.text((box[2] - 42, box[1] + 10 + 12 * j), t, fill="black", anchor="lm", font=FONT[10])
+    return bars, write_png(os.path.join(out, "loss_curves.png"), np.asarray(im))
+
+
+# ----------------------------------------------------------------------------- tables and the report
+def fmt(s):
+    return f"{s[0]:.4g} [{s[1]:.4g}, {s[2]:.4g}]" if math.isfinite(s[1]) else f"{s[0]:.4g}"
+
+
+def table(head, rows):
+    row = lambda cells: "| " + " | ".join(cells) + " |"
+    return "\n".join([row(head), "|---" * len(head) + "|"] + [row(r) for r in rows])
+
+
+def save_metrics(m, out):
+    """metrics.json (everything, per-pair scores included), metrics.csv (a row per run and metric)
+    and the returned Markdown table: a row per run, "mean [95 % CI over pairs]" per metric."""
+    runs = list(zip(labels(list(m["runs"])), m["runs"].values()))
+    keys = list(dict.fromkeys(k for _, r in runs for k in r["summary"]))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(m, f)
+    with open(os.path.join(out, "metrics.csv"), "w", newline="") as f:
+        csv.writer(f).writerows([["run", "metric", "mean", "ci_low", "ci_high", "n"]] + [
+            [name, k, *v, len(r["pairs"][k])] for name, r in runs for k, v in r["summary"].items()])
+    return table(["run"] + keys, [[name] + [fmt(r["summary"][k]) if k in r["summary"] else "-" for k in keys]
+                                  for name, r in runs])
+
+
+def write_report(groups, out_dir, split=None, data=None, n_pairs=N_EVAL, seed=SEED, device="cpu"):
+    """REPORT.md for groups = {"full": [run dirs, one per seed], "no_pix": [...], ...}: the group table,
+    each group's difference from "full" with p-values, every run, the figures. Returns its path."""
+    run_dirs = [r for rs in groups.values() for r in rs]
+    m = metrics(run_dirs, split, data, n_pairs, seed, device)
+    runs, per_run = m["runs"], save_metrics(m, out_dir)
+    if len({(r["data"], r["split"]) for r in runs.values()}) > 1:
+        raise DataError(f"{out_dir}: the runs were scored on different datasets; pass data= to compare them")
+    figures = [*loss_figures(run_dirs, out_dir), heatmap_figure([rs[0] for rs in groups.values()], out_dir, split,
+                                                                 data, seed=seed, device=device)]
+    keys = list(dict.fromkeys(k for r in runs.values() for k in r["summary"]))
+    # A group's score: the mean over its seeds of each run's mean over pairs; its interval a t-interval
+    # over seeds (the training randomness) with >= 2 seeds, else over the pairs of its one run.
+    cell = lambda rs, k: fmt(mean_ci([runs[r]["summary"][k][0] for r in rs]) if len(rs) > 1
+                             else runs[rs[0]]["summary"][k])
+    text = [f"# Ablation report\n\nSplit `{m['split']}`, {n_pairs} source/target pairs (seed {seed}), the same for "
+            f"every run; judge: {m['judge']}. L1: mean |generated - target|, 0-255 (lower is better); PSNR: dB; "
+            "SSIM: 11x11 Gaussian. Synthetic set: x_ = identity A driven by B's pose/expression vs its rendered "
+            "truth, xabs_ = conditioned on B's own landmarks instead (the paper's use), leak_ = share of B's "
+            "glasses/beard pixels copied onto A (lower is better; see evaluate.leak_score).\n",
+            "## Groups: mean over seeds [95 % t-interval over seeds; over pairs for a single seed]\n",
+            table(["group", "seeds"] + keys, [[g, str(len(rs))] + [cell(rs, k) for k in keys]
+                                              for g, rs in groups.items()])]
+    if "full" in groups and len(groups) > 1:
+        # Paired over the shared pairs: d_i = ablation - full on pair i, each side averaged over its
+        # seeds; a two-sided sign-flip permutation test; Bonferroni over every cell of the table. It asks
+        # "do these (seed-averaged) models differ on this data?"; the spread over seeds is the group table's.
+        tests = len(keys) * (len(groups) - 1)
+        avg = lambda rs, k: np.mean([runs[r]["pairs"][k] for r in rs], axis=0)
+        others = [g for g in groups if g != "full"]
+        diff = {(g, k): avg(groups[g], k) - avg(groups["full"], k) for g in others for k in keys}
+        p = {gk: sign_flip_p(d) for gk, d in diff.items()}
+        rows = [[g] + [f"{diff[g, k].mean():+.3g} (p={p[g, k]:.2g})" + " *" * (p[g, k] < 0.05 / tests) for k in keys]
+                for g in others]
+        text += [f"\n## Differences from `full` (ablation - full, mean over pairs; p: paired sign-flip test, "
+                 f"{N_PERM} flips, seeds averaged first; * = significant at 0.05 / {tests}, Bonferroni)\n",
+                 table(["group"] + keys, rows)]
+    text += ["\n## Every run: mean [95 % t-interval over pairs]\n", per_run, "\n## Figures\n"]
+    text += [f"![{os.path.basename(path)}]({os.path.relpath(path, out_dir)})\n" for path in figures]
+    with open(os.path.join(out_dir, "REPORT.md"), "w") as f:
+        f.write("\n".join(text))
+    return os.path.join(out_dir, "REPORT.md")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Figures and metrics of trained facesynth runs.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for cmd, about in (("heatmaps", "Appendix B: error heatmaps of each run on the same pairs"),
+                       ("grid", "Fig. 1 per run: source, landmarks, generated, target"),
+                       ("losses", "Fig. 3 (loss terms at the end) and Fig. 4 (loss curves)"),
+                       ("metrics", "L1 / PSNR / SSIM (+ cross-identity, leak) with confidence intervals")):
+        s = sub.add_parser(cmd, help=about, description=about)
+        s.add_argument("--runs", nargs="+", required=True, help="run folders (runs/NAME)")
+        s.add_argument("--out", default="eval", help="output folder (default eval)")
+        if cmd != "losses":
+            s.add_argument("--data", help="prepared dataset (default: each run's own, from its config)")
+            s.add_argument("--split", help="default: the first test split that has videos")
+            s.add_argument("--n", type=int, default=N_EVAL if cmd == "metrics" else N_FIGURE,
+                           help="pairs (default %(default)s)")
+            s.add_argument("--seed", type=int, default=SEED, help="pair-sampling seed")
+            s.add_argument("--device", default="cpu")
+        if cmd == "heatmaps":
+            s.add_argument("--vmin", type=float, default=VMIN, help="error drawn dark blue (0-255)")
+            s.add_argument("--vmax", type=float, default=VMAX, help="error drawn yellow, and above")
+    a = p.parse_args(argv)
+    try:
+        if a.cmd == "losses":
+            paths = loss_figures(a.runs, a.out)
+        elif a.cmd == "metrics":
+            m = metrics(a.runs, a.split, a.data, a.n, a.seed, a.device)
+            print(save_metrics(m, a.out) + f"\n\n95 % t-intervals over {a.n} pairs; judge: {m['judge']}")
+            paths = [os.path.join(a.out, f) for f in ("metrics.csv", "metrics.json")]
+        else:
+            paths = ([heatmap_figure(a.runs, a.out, a.split, a.data, a.n, a.seed, a.device, a.vmin, a.vmax)]
+                     if a.cmd == "heatmaps" else grid_figures(a.runs, a.out, a.split, a.data, a.n, a.seed, a.device))
+    except DataError as e:
+        facesynth.fail(str(e))
+    print("wrote " + ", ".join(paths))
+
+
+if __name__ == "__main__":
+    main()

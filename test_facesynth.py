@@ -1,0 +1,1034 @@
+"""facesynth's tests: run with `python -m pytest -q test_facesynth.py` (small images, tiny models)."""
+import argparse
+import csv
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from PIL import Image
+import imageio
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import data
+import evaluate
+import facesynth
+import losses
+import networks
+
+
+# ================================================================================================
+# 300VW .pts files, the crop, prepare
+# ================================================================================================
+H, W, T = 96, 128, 8
+SPOT = (61, 40)  # 0-based pixel (x, y) of a white 3x3 blob; landmark 30 (nose tip) sits on it
+
+
+def face_points():
+    """68 points spread over a 40 x 36 px face centred near the blob (the exact shape is irrelevant)."""
+    a = np.linspace(0, 2 * np.pi, 68, endpoint=False)
+    pts = np.stack([SPOT[0] + 20 * np.cos(a), SPOT[1] + 18 * np.sin(a)], 1).astype(np.float32)
+    pts[30] = SPOT
+    return pts
+
+
+def make_video(root, name, n_frames=T, n_pts=T, vid=True, annot=True):
+    """A 300VW-layout video: a gradient background, the blob at SPOT; .pts are 1-based."""
+    d = root / name
+    os.makedirs(d / "annot" if annot else d)
+    if vid:
+        frame = np.zeros((H, W, 3), np.uint8)
+        frame[..., 2] = np.linspace(0, 120, W, dtype=np.uint8)
+        frame[SPOT[1] - 1:SPOT[1] + 2, SPOT[0] - 1:SPOT[0] + 2] = 255
+        imageio.mimwrite(d / "vid.avi", [frame] * n_frames, fps=10, codec="mpeg4", macro_block_size=16)
+    for i in range(n_pts if annot else 0):
+        data.write_pts(d / "annot" / f"{i + 1:06d}.pts", face_points())
+    return d
+
+
+def test_pts_roundtrip_and_quirks(tmp_path):
+    pts = face_points()
+    data.write_pts(tmp_path / "a.pts", pts)
+    np.testing.assert_allclose(data.read_pts(tmp_path / "a.pts"), pts, atol=1e-3)
+    text = (tmp_path / "a.pts").read_text()
+    assert f"{SPOT[0] + 1:.3f} {SPOT[1] + 1:.3f}" in text  # the file itself is 1-based
+    (tmp_path / "b.pts").write_bytes(text.replace("\n", "  \r\n\r\n").encode())  # CRLF, blanks, spaces
+    np.testing.assert_allclose(data.read_pts(tmp_path / "b.pts"), pts, atol=1e-3)
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda t: t.replace("n_points:  68", "n_points:  66"), "n_points 66"),
+    (lambda t: t.replace("{\n", ""), "missing"),
+    (lambda t: t.replace("62.000 41.000", "62.000 abc"), "bad point line"),
+    (lambda t: t.replace("62.000 41.000", "62.000 nan"), "NaN"),
+    (lambda t: "\n".join(t.split("\n")[:-4] + ["}", ""]), "point lines"),
+    (lambda t: " \r\n", "empty file"),
+])
+def test_pts_malformed(tmp_path, edit, problem):
+    data.write_pts(tmp_path / "a.pts", face_points())
+    (tmp_path / "a.pts").write_text(edit((tmp_path / "a.pts").read_text()))
+    with pytest.raises(data.DataError, match=problem) as e:
+        data.read_pts(tmp_path / "a.pts")
+    assert str(tmp_path / "a.pts") in str(e.value)
+
+
+def test_crop_box_and_exact_pixel_mapping():
+    pts = np.array([[10, 20], [41, 30]] * 34, np.float32)  # bbox 31 x 10 px, centre (25.5, 25)
+    x0, y0, side = data.crop_box(pts, 2.0)
+    assert side == 62 and (x0, y0) == (26 - 31, 25.5 - 31)  # centred in pixel-edge coordinates
+    # side == size and an integer x0 -> the crop is an exact shift: check pixel and landmark agree.
+    pts = np.array([[10, 10], [41, 41]] * 34, np.float32)
+    pts[5] = (13, 37)
+    frame = np.zeros((60, 70, 3), np.uint8)
+    frame[37, 13] = 255
+    x0, y0, side = data.crop_box(pts, 2.0)
+    assert side == 62 and (x0, y0) == (-5, -5)
+    crop, uv = data.crop_face(frame, pts, size=62, crop_scale=2.0)
+    assert crop.dtype == np.uint8 and crop.shape == (62, 62, 3) and uv.dtype == np.float32
+    np.testing.assert_allclose(uv[5], (18, 42))  # 0-based + 0.5 - x0, then - 0.5
+    assert crop[42, 18, 0] == 255 and crop[..., 0].sum() == 255
+    # Downscale by 2: the 2x2 block with centre (13.5, 37.5) fills exactly output pixel (9, 21).
+    frame[:] = 0
+    frame[37:39, 13:15] = 255
+    pts[6] = (13.5, 37.5)
+    crop, uv = data.crop_face(frame, pts, size=31, crop_scale=2.0)
+    np.testing.assert_allclose(uv[6], (9, 21))
+    assert np.unravel_index(crop[..., 0].argmax(), crop.shape[:2]) == (21, 9) and crop[21, 9, 0] > 128
+
+
+def test_crop_pads_by_replicating_edges():
+    frame = np.full((40, 40, 3), 200, np.uint8)
+    pts = np.array([[0, 0], [20, 20]] * 34, np.float32)  # box reaches 20 px outside the frame
+    crop, _ = data.crop_face(frame, pts, size=16, crop_scale=3.0)
+    assert (crop == 200).all()  # edge replicate: no black border
+
+
+def test_prepare_good_faulty_and_rerun(tmp_path):
+    src, out = tmp_path / "raw", tmp_path / "out"
+    make_video(src, "001")                     # official train
+    make_video(src, "114", n_frames=T + 4)     # official test1, more frames than .pts
+    make_video(src, "777", n_pts=T + 3)        # not in the official split; fewer frames than .pts
+    make_video(src, "002", vid=False)
+    (src / "002" / "vid.avi").write_bytes(b"not a video" * 50)
+    make_video(src, "003", annot=False)
+    for name, old, new in [("004", "n_points:  68", "n_points:  67"), ("007", "62.000 41.000", "x y"),
+                           ("009", "62.000 41.000", "nan 41.000")]:
+        p = make_video(src, name) / "annot" / "000003.pts"
+        p.write_text(p.read_text().replace(old, new))
+    logs = []
+    s = data.prepare(src, out, size=64, workers=2, log=logs.append)
+    assert s["prepared"] == 3 and s["existing"] == 0 and s["frames"] == 3 * T
+    assert sorted(s["skipped_names"]) == ["002", "003", "004", "007", "009"]
+    text = "\n".join(logs)
+    for expect in ["skip 002: " + str(src / "002" / "vid.avi") + ": cannot decode",
+                   "skip 003: " + str(src / "003" / "annot") + ": missing",
+                   "skip 004: " + str(src / "004" / "annot" / "000003.pts") + ": n_points 67",
+                   "skip 007: " + str(src / "007" / "annot" / "000003.pts") + ": bad point line",
+                   "skip 009: " + str(src / "009" / "annot" / "000003.pts") + ": NaN",
+                   "more frames than the 8", "has 8 frames for 11 .pts"]:
+        assert expect in text
+    assert sum(l.startswith("skip") for l in logs) == 5
+    assert sorted(os.listdir(out)) == ["001", "114", "777", "prepare.json", "split.json"]
+    split = json.loads((out / "split.json").read_text())
+    assert split == {"train": ["001", "777"], "test1": ["114"], "test2": [], "test3": []}
+    assert json.loads((out / "prepare.json").read_text())["synthetic"] is False
+    frames, marks = np.load(out / "001" / "frames.npy"), np.load(out / "001" / "landmarks.npy")
+    assert frames.dtype == np.uint8 and frames.shape == (T, 64, 64, 3)
+    assert marks.dtype == np.float32 and marks.shape == (T, 68, 2)
+    # The landmark on the blob (1-based in the file) lands on the blob in the crop: scale and offset.
+    x0, y0, side = data.crop_box(face_points(), data.CROP_SCALE)
+    u, v = (np.array(SPOT) + 0.5 - (x0, y0)) * 64 / side - 0.5
+    np.testing.assert_allclose(marks[:, 30], np.tile([u, v], (T, 1)), atol=1e-4)
+    for f in frames:
+        y, x = np.unravel_index(f.astype(int).sum(-1).argmax(), (64, 64))
+        assert abs(x - u) <= 1 and abs(y - v) <= 1
+
+    # Re-run: finished videos are skipped, a half-written or interrupted one is redone.
+    os.remove(out / "114" / "landmarks.npy")
+    os.rename(out / "777", out / ".777.tmp")  # as if killed before the final rename
+    (out / ".777.tmp" / "frames.npy").write_bytes(b"half")
+    mtime = os.path.getmtime(out / "001" / "frames.npy")
+    s = data.prepare(src, out, size=64, workers=1, log=logs.append)
+    assert (s["prepared"], s["existing"], s["skipped"], s["frames"]) == (2, 1, 5, 3 * T)
+    assert os.path.getmtime(out / "001" / "frames.npy") == mtime
+    assert np.load(out / "114" / "landmarks.npy").shape == (T, 68, 2)
+    assert np.load(out / "777" / "frames.npy").shape == (T, 64, 64, 3) and not (out / ".777.tmp").exists()
+    with pytest.raises(data.DataError, match="prepare.json"):
+        data.prepare(src, out, size=32, workers=1, log=logs.append)
+
+
+def test_prepare_split_file_and_params(tmp_path):
+    src, out = tmp_path / "raw", tmp_path / "out"
+    make_video(src, "001", n_frames=4, n_pts=4)
+    make_video(src, "002", n_frames=4, n_pts=4)
+    (src / "001" / "params.json").write_text('{"identity": {}, "frames": []}')
+    (src / "split.json").write_text(json.dumps({"train": ["001"], "test2": ["002"]}))
+    os.remove(src / "002" / "annot" / "000003.pts")  # a gap: later files must not shift onto earlier frames
+    logs = []
+    s = data.prepare(src, out, workers=1, log=logs.append)
+    assert s["prepared"] == 2 and s["frames"] == 4 + 2 and (out / "001" / "params.json").exists()
+    assert any("expected 000003.pts, found 000004.pts; using the first 2" in m for m in logs)
+    assert json.loads((out / "split.json").read_text())["test2"] == ["002"]
+    assert json.loads((out / "prepare.json").read_text())["synthetic"] is True
+    (tmp_path / "my.json").write_text(json.dumps({"test3": ["001", "002"]}))
+    data.prepare(src, out, workers=1, split_file=tmp_path / "my.json", log=lambda m: None)
+    assert json.loads((out / "split.json").read_text())["test3"] == ["001", "002"]
+    (tmp_path / "bad.json").write_text("[1, 2")
+    with pytest.raises(data.DataError, match="bad.json"):
+        data.prepare(src, out, workers=1, split_file=tmp_path / "bad.json", log=lambda m: None)
+
+
+# ================================================================================================
+# the synthetic talking heads
+# ================================================================================================
+TINY_SYNTH = dict(n_videos=(2, 1, 1, 1), n_frames=6, size=128)
+FRONT = dict(yaw=0.0, pitch=0.0, roll=0.0, tx=0.0, ty=0.0, scale=0.2)
+NEUTRAL = dict(open=0.0, smile=0.0, brow=0.0, blink=0.0)
+
+
+def _video(root, name):
+    """Everything synth wrote for one video: params, raw .pts text, decoded frames."""
+    pts = [open(os.path.join(root, name, "annot", f)).read() for f in sorted(os.listdir(os.path.join(root, name, "annot")))]
+    frames = np.stack([f for f in imageio.get_reader(os.path.join(root, name, "vid.avi"), "ffmpeg")])
+    return json.load(open(os.path.join(root, name, "params.json"))), pts, frames
+
+
+def test_synth_is_deterministic_for_a_seed(tmp_path):
+    a, b, c = (str(tmp_path / k) for k in "abc")
+    data.synth(a, seed=0, workers=1, log=lambda *_: None, **TINY_SYNTH)
+    data.synth(b, seed=0, workers=2, log=lambda *_: None, **TINY_SYNTH)  # parallel must not change anything
+    data.synth(c, seed=1, workers=1, log=lambda *_: None, **TINY_SYNTH)
+    for name in ("001", "005"):
+        (pa, ta, fa), (pb, tb, fb), (pc, tc, _) = (_video(r, name) for r in (a, b, c))
+        assert pa == pb and ta == tb and np.array_equal(fa, fb)
+        assert pa != pc and ta != tc
+        assert len(fa) == len(ta) == 6 and fa.shape[1:] == (128, 128, 3)
+    assert not [d for d in os.listdir(a) if d.endswith(".tmp")]
+
+
+def test_synth_layout_split_and_one_based_pts(tmp_path):
+    out = str(tmp_path / "raw")
+    split = data.synth(out, n_videos=(3, 2, 1, 1), n_frames=3, size=64, workers=1, log=lambda *_: None)
+    assert split == json.load(open(os.path.join(out, "split.json")))
+    assert [len(split[k]) for k in ("train", "test1", "test2", "test3")] == [3, 2, 1, 1]
+    names = sum(split.values(), [])
+    assert names == [f"{i:03d}" for i in range(1, 8)]
+    identities = [json.dumps(json.load(open(os.path.join(out, n, "params.json")))["identity"]) for n in names]
+    assert len(set(identities)) == len(names)  # every test identity is unseen in training
+    params = json.load(open(os.path.join(out, "002", "params.json")))
+    for t, f in enumerate(params["frames"]):
+        _, lm = data.render_face(params["identity"], f["pose"], f["expression"], 64)
+        rows = open(os.path.join(out, "002", "annot", f"{t + 1:06d}.pts")).read().split("{")[1].split("}")[0].split()
+        assert np.allclose(np.array(rows, float).reshape(68, 2), lm + 1, atol=1e-3)
+    # a re-run keeps finished videos and renders only the missing one
+    os.remove(os.path.join(out, "003", "params.json"))
+    shutil.rmtree(os.path.join(out, "004"))
+    data.synth(out, n_videos=(3, 2, 1, 1), n_frames=3, size=64, workers=1, log=lambda *_: None)
+    assert os.path.isfile(os.path.join(out, "004", "params.json"))
+    assert not os.path.isfile(os.path.join(out, "003", "params.json"))
+
+
+def test_render_face_draws_at_its_landmarks():
+    identity = data.random_identity(np.random.default_rng(0))
+    identity.update(iris=[0, 255, 0], glasses=None, beard=None)
+    for pose in (FRONT, dict(FRONT, yaw=25.0, pitch=-10.0, roll=12.0, tx=0.1, ty=-0.05)):
+        img, lm = data.render_face(identity, pose, NEUTRAL, 256)
+        assert img.shape == (256, 256, 3) and img.dtype == np.uint8 and lm.shape == (68, 2)
+        at = lambda p: img[int(round(p[1])), int(round(p[0]))].astype(int)
+        for o, i in ((36, 39), (45, 42)):  # outer corner, inner corner of each eye
+            assert np.abs(at(lm[o] + 0.25 * (lm[i] - lm[o])) - (238, 236, 230)).max() < 40  # eye white
+            c, r = (lm[o] + lm[i]) / 2, 0.075 * (1 + identity["shape"]["eye_size"]) * pose["scale"] * 256
+            side = (lm[i] - lm[o]) / np.linalg.norm(lm[i] - lm[o])
+            assert np.abs(at(c + 0.7 * r * side) - (0, 255, 0)).max() < 60  # iris around the eye centre
+        assert np.abs(at(lm[[48, 54]].mean(0) + (lm[57] - lm[51]) * 0.4) - identity["lips"]).max() < 40
+    # blinking closes the eye: skin where the white was; an open mouth shows its dark inside
+    img, lm = data.render_face(identity, FRONT, dict(NEUTRAL, blink=1.0, open=1.0), 256)
+    p = lm[36] + 0.25 * (lm[39] - lm[36])
+    assert np.abs(img[int(round(p[1])), int(round(p[0]))].astype(int) - identity["skin"]).max() < 40
+    p = lm[62] + 0.8 * (lm[66] - lm[62])
+    assert np.abs(img[int(round(p[1])), int(round(p[0]))].astype(int) - (70, 25, 30)).max() < 40
+
+
+def test_identity_attributes_toggle():
+    rng = np.random.default_rng(3)
+    identity = dict(data.random_identity(rng), glasses={"colour": [0, 0, 0], "roundness": 1.0, "width": 0.04})
+    pose, expression = data.talking_motion(rng, 1)[0]
+    with_glasses, lm = data.render_face(identity, pose, expression, 128)
+    without, lm2 = data.render_face(dict(identity, glasses=None), pose, expression, 128)
+    assert np.array_equal(lm, lm2) and not np.array_equal(with_glasses, without)
+
+
+def test_talking_motion_ranges_and_smoothness():
+    rng = np.random.default_rng(7)
+    motion = data.talking_motion(rng, 2000)
+    json.dumps(motion)
+    pose = {k: np.array([p[k] for p, _ in motion]) for k in motion[0][0]}
+    expr = {k: np.array([e[k] for _, e in motion]) for k in motion[0][1]}
+    for k, m in data.MAX_POSE.items():
+        assert np.abs(pose[k]).max() <= m and np.abs(pose[k]).max() > 0.3 * m
+        assert np.abs(np.diff(pose[k])).max() < 3  # degrees per frame: smooth
+    assert pose["scale"].min() > 0
+    for k, v in expr.items():
+        assert v.min() >= 0 and v.max() <= 1 and v.max() > 0.2, k
+    assert (expr["blink"] == 1).sum() >= 10  # ~ a blink every few seconds
+    assert np.mean(expr["open"] > 0.1) > 0.2  # the mouth moves with speech
+
+
+def test_ensure_synthetic_builds_once_then_reuses(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "synth", functools.partial(data.synth, n_videos=(2, 1, 1, 1), size=128, workers=1))
+    root = data.ensure_synthetic(str(tmp_path / "cache"), n_frames=3, log=lambda *_: None)
+    split = json.load(open(os.path.join(root, "split.json")))
+    assert [len(split[k]) for k in ("train", "test1", "test2", "test3")] == [2, 1, 1, 1]
+    assert os.path.isfile(os.path.join(root, "001", "params.json"))
+    monkeypatch.setattr(data, "synth", lambda *a, **k: pytest.fail("regenerated a cached set"))
+    assert data.ensure_synthetic(str(tmp_path / "cache"), n_frames=3, log=lambda *_: None) == root
+
+
+# ================================================================================================
+# networks and losses
+# ================================================================================================
+torch.set_num_threads(1)
+WIDTHS = (4, 6, 8, 8, 8)  # a tiny VGG-19: torchvision's keys and layout, small channel counts
+S = 32
+
+
+def inputs(b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, S, S, generator=g) * 2 - 1, torch.rand(b, 68, S, S, generator=g)
+
+
+def tv_state(widths=WIDTHS, seed=0):
+    """A synthetic torchvision-format VGG-19 state dict: features.N.* at the real N, plus a classifier."""
+    g, state, c, block, n = torch.Generator().manual_seed(seed), {}, 3, 0, 0
+    for v in networks.VGG_CFG:
+        if v == "M":
+            block, n = block + 1, n + 1
+            continue
+        state[f"features.{n}.weight"] = torch.randn(widths[block], c, 3, 3, generator=g) * 0.3
+        state[f"features.{n}.bias"] = torch.randn(widths[block], generator=g) * 0.1
+        c, n = widths[block], n + 2
+    state["classifier.0.weight"] = torch.randn(7, 5, generator=g)
+    return state
+
+
+def reference_features(state, x, upto):
+    """The same weights in a stack built differently (torch.nn.functional, torchvision's index rule)."""
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (networks.IMAGENET_MEAN, networks.IMAGENET_STD))
+    x = ((x + 1) / 2 - mean) / std
+    out, n = {}, 0
+    for v in networks.VGG_CFG:
+        if n > upto:
+            break
+        if v == "M":
+            x, n = torch.nn.functional.max_pool2d(x, 2), n + 1
+        else:
+            w, b = state[f"features.{n}.weight"], state[f"features.{n}.bias"]
+            x = torch.relu(torch.nn.functional.conv2d(x, w, b, padding=1))
+            out[n + 1], n = x, n + 2
+    return out
+
+
+def test_generator_shape_range_and_per_sample():
+    G = networks.Generator(ngf=4, n_down=4)
+    img, hm = inputs(3)
+    y = G(img, hm)
+    assert y.shape == (3, 3, S, S)
+    assert y.abs().max() <= 1 and y.std() > 0
+    # the training loop batches several G passes together: a sample's result must not depend on its batch
+    assert torch.allclose(G(img[1:2], hm[1:2]), y[1:2], atol=1e-5)
+    assert networks.Generator(ngf=4, n_down=2)(img, hm).shape == (3, 3, S, S)
+    with pytest.raises(ValueError, match="n_down"):
+        networks.Generator(ngf=4, n_down=5)(img, hm)  # 32 px cannot go down to 1x1
+
+
+def test_generator_width_doubles_then_caps():
+    G = networks.Generator(ngf=4, n_down=5)
+    assert [b[0].out_channels for b in G.down] == [4, 8, 16, 32, 32]
+
+
+def test_discriminator_shape_and_per_sample():
+    D = networks.Discriminator(ndf=8)
+    img, hm = inputs(3)
+    logits = D(img, hm)
+    assert logits.shape == (3,)
+    assert torch.allclose(D(img[2:], hm[2:]), logits[2:], atol=1e-5)
+    assert sum(isinstance(m, nn.Conv2d) and m.stride == (2, 2) for m in D.modules()) == 3
+
+
+def test_count_params():
+    assert networks.count_params(nn.Linear(3, 2)) == 8
+
+
+def test_vgg_matches_reference_stack(tmp_path):
+    state = tv_state()
+    path = tmp_path / "vgg.pth"
+    torch.save(state, path)
+    vgg, source = networks.load_vgg(losses.VGG_LAYERS, path=str(path), widths=WIDTHS)
+    assert source == str(path)
+    assert len(vgg.features) == networks.RELU["relu4_3"] + 1  # stops after the deepest layer asked for
+    assert not any(p.requires_grad for p in vgg.parameters()) and not vgg.training
+    x = torch.rand(2, 3, S, S) * 2 - 1
+    got, want = vgg(x), reference_features(state, x, networks.RELU["relu4_3"])
+    assert set(got) == set(losses.VGG_LAYERS)
+    for name, t in got.items():
+        torch.testing.assert_close(t, want[networks.RELU[name]])
+    # frozen weights, but gradients still reach the image (that is how L_pp trains G)
+    x.requires_grad_(True)
+    vgg(x)["relu3_2"].sum().backward()
+    assert x.grad.abs().sum() > 0 and all(p.grad is None for p in vgg.parameters())
+
+
+def test_vgg_bad_files_name_the_key(tmp_path):
+    state = tv_state()
+    path = tmp_path / "vgg.pth"
+    del state["features.5.weight"]
+    torch.save(state, path)
+    with pytest.raises(data.DataError, match=r"vgg.pth: missing key features\.5\.weight"):
+        networks.load_vgg(["relu2_2"], path=str(path), widths=WIDTHS)
+    state = tv_state()
+    state["features.0.weight"] = state["features.0.weight"][:2]
+    torch.save(state, path)
+    with pytest.raises(data.DataError, match=r"features\.0\.weight has shape \(2, 3, 3, 3\) expected \(4, 3, 3, 3\)"):
+        networks.load_vgg(["relu1_1"], path=str(path), widths=WIDTHS)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(data.DataError, match="vgg.pth: cannot read"):
+        networks.load_vgg(["relu1_1"], path=str(path), widths=WIDTHS)
+
+
+def test_vgg_random_when_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+    monkeypatch.setattr(networks, "VGG_URL", "http://127.0.0.1:9/vgg19.pth")  # refused at once
+    logged = []
+    vgg, source = networks.load_vgg(["relu1_2"], log=logged.append, widths=WIDTHS)
+    assert source == "random" and "WARNING" in logged[-1] and "RANDOM" in logged[-1]
+    again, _ = networks.load_vgg(["relu1_2"], log=logged.append, widths=WIDTHS)
+    torch.testing.assert_close(vgg.features[0].weight, again.features[0].weight)  # same random features each run
+    # and a file in the hub cache is picked up without --vgg
+    cached = tmp_path / "hub" / "checkpoints" / networks.VGG_FILE
+    assert not cached.parent.exists() or not list(cached.parent.iterdir())  # no partial download left
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(tv_state(), cached)
+    assert networks.load_vgg(["relu1_2"], widths=WIDTHS)[1] == str(cached)
+
+
+def test_lambdas():
+    assert losses.lambdas() == losses.LAMBDAS
+    lam = losses.lambdas({"self": 0, "pix": None}, ["feature", "consistency"])
+    assert lam == dict(adv=1.0, pix=10.0, self=0.0, triple=0.0, pp=0.0, id=0.0)
+    with pytest.raises(ValueError, match="style"):
+        losses.lambdas(ablate=["style"])
+    with pytest.raises(ValueError, match="l1"):
+        losses.lambdas({"l1": 1})
+
+
+def test_losses_zero_when_identical_positive_otherwise():
+    a, b = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    for L in (losses.L_pix, losses.L_self, losses.L_triple):
+        assert L(a, a) == 0 and L(a, b) > 0
+    fa = {k: torch.rand(2, 4, 4, 4) for k in losses.VGG_LAYERS}
+    fb = {k: torch.rand(2, 4, 4, 4) for k in losses.VGG_LAYERS}
+    for L in (losses.L_pp, losses.L_id):
+        assert L(fa, fa) == 0 and L(fa, fb) > 0
+    # GAN terms: a perfect D gives ~0, an undecided one log 2
+    big = torch.full((4,), 30.0)
+    assert losses.L_adv(big) < 1e-6 and losses.L_D(big, -big) < 1e-6
+    assert torch.isclose(losses.L_D(torch.zeros(4), torch.zeros(4)), torch.log(torch.tensor(2.0)))
+    assert torch.isfinite(losses.L_adv(torch.tensor([-1e4])))  # logits: no log(0)
+
+
+def test_gram_is_per_sample():
+    f = torch.rand(3, 5, 4, 4)
+    g = losses.gram(f)
+    assert g.shape == (3, 5, 5)
+    torch.testing.assert_close(g[1], losses.gram(f[1:2])[0])
+    f2 = f.clone()
+    f2[0] *= 2  # changing one sample changes only its own Gram matrix
+    assert torch.equal(losses.gram(f2)[1:], g[1:]) and not torch.equal(losses.gram(f2)[0], g[0])
+
+
+def test_ablating_a_group_zeroes_exactly_its_gradients():
+    torch.manual_seed(0)
+    G, D = networks.Generator(ngf=4, n_down=2), networks.Discriminator(ndf=4)
+    vgg = networks.VGG19(losses.VGG_LAYERS, widths=WIDTHS)
+    img, hm = inputs(6)
+    src, tgt, mid = img[:2], img[2:4], img[4:]
+    e_s, e_t, e_m = hm[:2], hm[2:4], hm[4:]
+
+    def terms():
+        fake = G(src, e_t)
+        cycled, middle = G(fake, e_s), G(src, e_m)
+        via_middle = G(middle, e_t)
+        ff, fr = vgg(fake), vgg(tgt)
+        return {"adv": losses.L_adv(D(fake, e_t)), "pix": losses.L_pix(fake, tgt),
+                "self": losses.L_self(cycled, src), "triple": losses.L_triple(via_middle, fake),
+                "pp": losses.L_pp(ff, fr), "id": losses.L_id(ff, fr)}, cycled, middle
+
+    def grads(loss):
+        G.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in G.parameters()]
+
+    for group, dropped in losses.GROUPS.items():
+        lam = losses.lambdas({}, [group])
+        t, cycled, middle = terms()
+        assert all(lam[k] == 0 for k in dropped) and all(torch.isfinite(v) for v in t.values())
+        cycled.retain_grad(), middle.retain_grad()
+        got = grads(losses.generator_loss(t, lam))
+        t2, _, _ = terms()
+        want = grads(sum(lam[k] * t2[k] for k in t2 if k not in dropped))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        if group == "consistency":  # the cycle outputs only feed the ablated terms: no gradient at all
+            assert cycled.grad is None and middle.grad is None
+        full = grads(losses.generator_loss(terms()[0], losses.lambdas()))
+        assert any(not torch.allclose(a, b) for a, b in zip(full, got))  # the group did contribute before
+
+
+def test_feature_losses_have_finite_gradients_at_zero():
+    f = {k: torch.rand(2, 4, 4, 4, requires_grad=True) for k in losses.VGG_LAYERS}
+    (losses.L_pp(f, {k: v.detach() for k, v in f.items()}) + losses.L_id(f, f)).backward()
+    assert all(torch.isfinite(v.grad).all() for v in f.values())
+
+
+# ================================================================================================
+# training: the loop, checkpoints, resume, DDP
+# ================================================================================================
+TINY_TRAIN = ["--ngf", "8", "--vgg", "random", "--vgg-widths", "4", "4", "8", "8", "8", "--batch-size", "4", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory):
+    """A prepared dataset of 32-px frames with a bright dot on each landmark."""
+    root = tmp_path_factory.mktemp("blobs")
+    rng = np.random.default_rng(0)
+    for v in range(3):
+        lm = (rng.random((8, 68, 2)) * 24 + 4).astype(np.float32)
+        frames = np.full((8, 32, 32, 3), 40, np.uint8)
+        for t in range(8):
+            frames[t, lm[t, :, 1].round().astype(int), lm[t, :, 0].round().astype(int)] = (250, 200, 120)
+        os.makedirs(root / f"{v:03d}")
+        np.save(root / f"{v:03d}" / "frames.npy", frames)
+        np.save(root / f"{v:03d}" / "landmarks.npy", lm)
+    (root / "split.json").write_text(json.dumps({"train": ["000", "001"], "test1": ["002"]}))
+    (root / "prepare.json").write_text(json.dumps({"size": 32, "crop_scale": 1.8, "synthetic": False}))
+    return str(root)
+
+
+def read_log(run):
+    with open(os.path.join(run, "log.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def run_train(*argv):
+    facesynth.main(["train", *argv, *TINY_TRAIN])
+
+
+def test_training_writes_outputs_and_lowers_pixel_loss(blobs, tmp_path):
+    out = str(tmp_path / "run")
+    run_train("--data", blobs, "--out", out, "--steps", "40", "--log-every", "10", "--sample-every", "20",
+              "--lr-g", "2e-3")
+    rows = read_log(out)
+    assert [int(r["step"]) for r in rows] == [10, 20, 30, 40]
+    assert all(r[f"L_{t}"] for r in rows for t in facesynth.TERMS)
+    assert float(rows[-1]["L_pix"]) < 0.5 * float(rows[0]["L_pix"])
+    assert sorted(os.listdir(os.path.join(out, "samples"))) == ["step_000020.png", "step_000040.png"]
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["vgg"] == "random" and cfg["lambdas"] == losses.LAMBDAS
+    G, cfg2 = facesynth.load_generator(out)
+    assert cfg2["step"] == 40 and not G.training
+
+
+def test_resume_reproduces_uninterrupted_run(blobs, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = ["--data", blobs, "--log-every", "1", "--ckpt-every", "100"]
+    run_train(*common, "--out", a, "--steps", "6")
+    run_train(*common, "--out", b, "--steps", "3")
+    facesynth.main(["train", "--resume", b, "--steps", "6"])
+    ra, rb = read_log(a), read_log(b)
+    assert [r["step"] for r in rb] == [str(s) for s in range(1, 7)]
+    for x, y in zip(ra[3:], rb[3:]):
+        for t in facesynth.TERMS:
+            assert float(x[f"L_{t}"]) == pytest.approx(float(y[f"L_{t}"]), rel=1e-4, abs=1e-6)
+    ga, gb = torch.load(os.path.join(a, "ckpt.pt"))["G"], torch.load(os.path.join(b, "ckpt.pt"))["G"]
+    assert all(torch.allclose(ga[k], gb[k], atol=1e-6) for k in ga)
+
+
+def test_resume_refuses_changed_model(blobs, tmp_path, capsys):
+    out = str(tmp_path / "r")
+    run_train("--data", blobs, "--out", out, "--steps", "2")
+    with pytest.raises(SystemExit) as e:
+        facesynth.main(["train", "--resume", out, "--ngf", "16"])
+    assert e.value.code == 2 and "cannot change ngf" in capsys.readouterr().err
+
+
+def test_corrupted_checkpoint_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "run"
+    bad.mkdir()
+    (bad / "ckpt.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(SystemExit) as e:
+        facesynth.main(["train", "--resume", str(bad)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "ckpt.pt: not a readable checkpoint" in err and "Traceback" not in err
+    with pytest.raises(data.DataError, match="no checkpoint there"):
+        facesynth.load_checkpoint(str(tmp_path / "missing"))
+
+
+def test_nan_stops_the_run_and_keeps_last_good_checkpoint(blobs, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "nan")
+    run_train("--data", blobs, "--out", out, "--steps", "4", "--ckpt-every", "4")
+    good = torch.load(os.path.join(out, "ckpt.pt"))
+    calls = []
+    real = losses.L_pix
+
+    def poisoned(fake, target):
+        calls.append(1)
+        return real(fake, target) * (float("nan") if len(calls) > 2 else 1.0)
+
+    monkeypatch.setattr(losses, "L_pix", poisoned)
+    with pytest.raises(SystemExit) as e:
+        facesynth.main(["train", "--resume", out, "--steps", "12", "--ckpt-every", "4"])
+    assert e.value.code == 2 and "NaN" in capsys.readouterr().err
+    kept = torch.load(os.path.join(out, "ckpt.pt"))
+    assert kept["step"] == 4 and all(torch.equal(kept["G"][k], good["G"][k]) for k in good["G"])
+
+
+def test_fused_passes_match_plain_passes():
+    torch.manual_seed(0)
+    G = networks.Generator(ngf=8)
+    I_s = torch.rand(3, 3, 32, 32) * 2 - 1
+    e = [data.heatmaps(torch.rand(3, 68, 2) * 31, 32) for _ in range(3)]
+    outs, grads = [], []
+    for fused in (True, False):
+        G.zero_grad()
+        fake, mid, cyc, tri = facesynth.generator_passes(G, I_s, *e, fused=fused)
+        loss = losses.L_pix(fake, I_s) + losses.L_self(cyc, I_s) + losses.L_triple(tri, fake)
+        loss.backward()
+        outs.append(torch.stack([fake, mid, cyc, tri]))
+        grads.append(torch.cat([p.grad.flatten() for p in G.parameters()]))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-4 * grads[1].abs().max().item())
+
+
+def test_flip_in_feed_mirrors_all_three_landmark_sets(blobs):
+    videos = data.load_videos(blobs, "train")
+    args = {"batch_size": 8, "triplets_per_epoch": 64, "seed": 3, "max_gap": None}
+    _, b = next(facesynth.batches(videos, args, 0, 1))
+    rows = data.sample_triplets(videos, 64, 3, 0)[:8]
+    for i, (v, s, m, t, f) in enumerate(rows):
+        want = torch.from_numpy(videos[v]["landmarks"][[s, m, t]])
+        if f:
+            want = data.mirror_landmarks(want, 32)
+        got = torch.stack([b["lm_s"][i], b["lm_m"][i], b["lm_t"][i]])
+        assert torch.allclose(got, want)
+        img = data.to_tensor(videos[v]["frames"][s][None])[0]
+        assert torch.equal(b["I_s"][i], img.flip(-1) if f else img)
+
+
+def test_two_process_gloo_training_keeps_ranks_identical(blobs, tmp_path):
+    out = str(tmp_path / "ddp")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "facesynth.py", "train", "--data", blobs, "--out", out, "--steps", "3", "--log-every", "3", *TINY_TRAIN]
+    r = subprocess.run(cmd, cwd=os.path.dirname(facesynth.__file__), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ranks identical" in r.stdout
+    assert torch.load(os.path.join(out, "ckpt.pt"))["step"] == 3
+
+
+# ================================================================================================
+# evaluation: PNG, viridis, metrics, figures, report
+# ================================================================================================
+TERMS = facesynth.TERMS
+
+
+def make_dataset(root, n_videos=3, n_frames=6, seed=0):
+    """A tiny prepared dataset: smooth random frames and landmarks inside the crop."""
+    rng = np.random.default_rng(seed)
+    names = [f"{i:03d}" for i in range(n_videos)]
+    for name in names:
+        os.makedirs(root / name)
+        base = rng.integers(0, 256, (n_frames, 4, 4, 3)).astype(np.uint8)
+        frames = np.stack([np.asarray(Image.fromarray(f).resize((S, S), Image.BILINEAR)) for f in base])
+        np.save(root / name / "frames.npy", frames)
+        np.save(root / name / "landmarks.npy", rng.uniform(4, S - 5, (n_frames, 68, 2)).astype(np.float32))
+    (root / "split.json").write_text(json.dumps({"train": [], "test1": [], "test2": names, "test3": []}))
+    (root / "prepare.json").write_text(json.dumps({"size": S, "crop_scale": 1.8, "synthetic": False}))
+    return root
+
+
+def make_run(run, root, seed=0, ablate=(), n_log=30):
+    """A run folder as facesynth.train leaves it, with an untrained tiny G (ngf 4)."""
+    torch.manual_seed(seed)
+    os.makedirs(run)
+    args = {"data": str(root), "size": S, "ngf": 4, "n_down": 3, "sigma": 1.0, "window": 7, "seed": seed}
+    lam = {t: (0.0 if t in ablate else w) for t, w in zip(TERMS, (1, 10, 100, 100, 10, 1))}
+    G = networks.Generator(ngf=4, n_down=3)
+    ckpt = {"G": G.state_dict(), "args": args, "step": n_log * 10, "lambdas": lam, "vgg": "random"}
+    torch.save(ckpt, run / "ckpt.pt")
+    (run / "config.json").write_text(json.dumps({"args": args, "lambdas": lam, "vgg": "random"}))
+    rng = np.random.default_rng(seed)
+    with open(run / "log.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "epoch", "time", "triplets_per_s"] + [f"L_{t}" for t in TERMS] + ["L_G", "L_D"])
+        for i in range(n_log):
+            vals = [("" if t in ablate else f"{rng.uniform(0.5, 1.5) / (i + 1) ** 0.3:.5g}") for t in TERMS]
+            w.writerow([10 * (i + 1), i / 10, i, 5.0] + vals + [f"{50 / (i + 1) ** 0.3:.5g}", "0.69"])
+    return run
+
+
+@pytest.fixture
+def setup(tmp_path):
+    root = make_dataset(tmp_path / "prep")
+    runs = [make_run(tmp_path / "runs" / name, root, seed) for name, seed in (("full", 0), ("nopix", 1))]
+    return root, runs
+
+
+def test_png_is_read_back_bit_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    for shape in ((7, 5, 3), (1, 1, 3), (13, 9), (40, 33, 3)):
+        img = rng.integers(0, 256, shape).astype(np.uint8)
+        path = evaluate.write_png(str(tmp_path / f"x{len(shape)}_{shape[0]}.png"), img)
+        with Image.open(path) as im:
+            assert im.mode == ("RGB" if len(shape) == 3 else "L")
+            assert np.array_equal(np.asarray(im), img)
+
+
+def test_viridis_matches_published_colormap():
+    published = {0.0: (0.267004, 0.004874, 0.329415), 0.5: (0.127568, 0.566949, 0.550556),
+                 1.0: (0.993248, 0.906157, 0.143936)}
+    for t, rgb in published.items():
+        assert np.abs(evaluate.viridis(t).astype(int) - np.round(np.array(rgb) * 255)).max() <= 1
+    assert tuple(evaluate.viridis(0.0)) == (68, 1, 84) and tuple(evaluate.viridis(1.0)) == (253, 231, 37)
+
+
+def test_error_heatmap_bounds():
+    a = np.random.default_rng(0).integers(0, 100, (8, 8, 3)).astype(np.uint8)
+    assert (evaluate.error_heatmap(a, a) == (68, 1, 84)).all()          # identical: all dark blue
+    assert (evaluate.error_heatmap(a + 96, a) == (253, 231, 37)).all()  # 96 levels: yellow
+    assert (evaluate.error_heatmap(a + 150, a) == (253, 231, 37)).all()  # beyond: still yellow
+    assert (evaluate.error_heatmap(a + 50, a, vmax=50) == (253, 231, 37)).all()
+
+
+def test_ssim_psnr_l1():
+    rng = np.random.default_rng(0)
+    img = np.stack([np.asarray(Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((S, S)))])
+    assert evaluate.ssim(img, img)[0] == pytest.approx(1.0)
+    noisy = [np.clip(img + rng.normal(0, s, img.shape), 0, 255).astype(np.uint8) for s in (5, 20, 60)]
+    ssims = [evaluate.ssim(img, n)[0] for n in noisy]
+    assert 1 > ssims[0] > ssims[1] > ssims[2]
+    zero, ten = np.zeros((1, S, S, 3), np.uint8), np.full((1, S, S, 3), 10, np.uint8)
+    s = evaluate.scores(ten, zero)
+    assert s["L1"][0] == pytest.approx(10) and s["PSNR"][0] == pytest.approx(10 * np.log10(255 ** 2 / 100))
+    half = zero.copy()
+    half[..., :S // 2, :] = 20  # half the pixels off by 20: L1 10, MSE 200
+    s = evaluate.scores(half, zero)
+    assert s["L1"][0] == pytest.approx(10) and s["PSNR"][0] == pytest.approx(10 * np.log10(255 ** 2 / 200))
+
+
+def test_confidence_interval_and_sign_flip_test():
+    m, lo, hi = evaluate.mean_ci([1.0, 2.0, 3.0])
+    assert m == 2 and hi - m == pytest.approx(4.303 / np.sqrt(3), abs=1e-3)
+    for n, t in ((2, 12.706), (5, 2.776), (6, 2.5706), (11, 2.2281), (31, 2.0423)):  # published t quantiles
+        m, lo, hi = evaluate.mean_ci(np.arange(n, dtype=float))
+        assert hi - m == pytest.approx(t * np.std(np.arange(n), ddof=1) / np.sqrt(n), rel=2e-3)
+    assert evaluate.sign_flip_p(np.full(30, 0.5) + np.random.default_rng(0).normal(0, 0.1, 30)) < 0.001
+    assert evaluate.sign_flip_p(np.tile([1.0, -1.0], 15)) > 0.5
+
+
+def test_pairs_are_deterministic(setup):
+    root, _ = setup
+    _, videos = evaluate.videos_of(str(root))
+    assert evaluate.eval_pairs(videos, 10) == evaluate.eval_pairs(videos, 10)
+    assert evaluate.eval_pairs(videos, 4) == evaluate.eval_pairs(videos, 10)[:4]  # figures: metrics' first pairs
+    assert all(s != t for _, s, t in evaluate.eval_pairs(videos, 50))
+
+
+def test_metrics_table_with_cis_and_judge_skipped(setup, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "dlib", None)  # as if dlib were not installed
+    root, runs = setup
+    m = evaluate.metrics([str(r) for r in runs], n_pairs=12)
+    assert m["split"] == "test2" and m["judge"].startswith("skipped")
+    for r in runs:
+        summ = m["runs"][str(r)]["summary"]
+        assert set(summ) == {"L1", "PSNR", "SSIM", "flicker"} and len(m["runs"][str(r)]["pairs"]["L1"]) == 12
+        mean, lo, hi = summ["L1"]
+        assert lo < mean < hi
+        flick = m["runs"][str(r)]["pairs"]["flicker"]  # one ratio per test video, generated vs real
+        assert len(flick) == len(data.load_videos(root, "test2")) and all(x > 0 for x in flick)
+    table = evaluate.save_metrics(m, str(tmp_path / "out"))
+    assert table.count("\n") == 3 and "full" in table and "nopix" in table and "[" in table
+    rows = list(csv.DictReader(open(tmp_path / "out" / "metrics.csv")))
+    assert len(rows) == 8 and {r["metric"] for r in rows} == {"L1", "PSNR", "SSIM", "flicker"}
+
+
+def test_figures(setup, tmp_path):
+    root, runs = setup
+    out = str(tmp_path / "fig")
+    path = evaluate.heatmap_figure([str(r) for r in runs], out, n=3)
+    with Image.open(path) as im:
+        assert im.width == 8 * 128 and im.height > 3 * 128  # 4 + 2 runs x (generated, error) columns
+    assert len(os.listdir(os.path.join(out, "heatmaps"))) == 6
+    for p in evaluate.grid_figures([str(runs[0])], out, n=2):
+        assert Image.open(p).size == (5 * 128, 18 + 2 * 128)
+    for p in evaluate.loss_figures([str(r) for r in runs], out):
+        with Image.open(p) as im:
+            assert im.size == (2 * 380, 280) and len(np.unique(np.asarray(im).reshape(-1, 3), axis=0)) > 5
+
+
+def test_report(tmp_path):
+    root = make_dataset(tmp_path / "prep")
+    groups = {"full": [make_run(tmp_path / "r" / "full" / f"s{s}", root, s) for s in (0, 1)],
+              "no_pix": [make_run(tmp_path / "r" / "no_pix" / f"s{s}", root, s + 2, ("pix",)) for s in (0, 1)]}
+    groups = {g: [str(r) for r in rs] for g, rs in groups.items()}
+    path = evaluate.write_report(groups, str(tmp_path / "rep"), n_pairs=10)
+    text = open(path).read()
+    assert "| full | 2 |" in text and "| no_pix |" in text and "p=" in text
+    for link in ("loss_bars.png", "loss_curves.png", "heatmaps.png"):
+        assert f"]({link})" in text and os.path.isfile(tmp_path / "rep" / link)
+
+
+def test_cli(setup, tmp_path, capsys):
+    root, runs = setup
+    r = subprocess.run([sys.executable, "evaluate.py", "metrics", "--runs", *map(str, runs), "--n", "6", "--out",
+                        str(tmp_path / "m")], capture_output=True, text=True, cwd=os.path.dirname(evaluate.__file__))
+    assert r.returncode == 0 and "| run |" in r.stdout and "wrote" in r.stdout, r.stderr
+    assert os.path.isfile(tmp_path / "m" / "metrics.json")
+    for cmd in ("heatmaps", "grid", "losses"):
+        evaluate.main([cmd, "--runs", str(runs[0]), "--out", str(tmp_path / cmd)])
+        assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_errors(setup, tmp_path, capsys):
+    root, runs = setup
+    os.makedirs(tmp_path / "empty_run")
+    (root / "split.json").write_text(json.dumps({"train": ["000"], "test1": []}))
+    for run in (tmp_path / "nope", tmp_path / "empty_run", runs[0]):  # no folder, no ckpt.pt, empty split
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["metrics", "--runs", str(run), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """A tiny synthetic set (4 videos of 4 frames, rendered at 64 px, prepared at 32) and a run on it."""
+    import data
+    tmp = tmp_path_factory.mktemp("syn")
+    data.synth(str(tmp / "raw"), n_videos=(1, 3, 0, 0), n_frames=4, size=64, workers=1, log=lambda *a: None)
+    data.prepare(str(tmp / "raw"), str(tmp / "prep"), size=S, workers=1, log=lambda *a: None)
+    return tmp / "prep", make_run(tmp / "run", tmp / "prep")
+
+
+def test_cross_identity_ground_truth(synthetic):
+    root, _ = synthetic
+    split, videos = evaluate.videos_of(str(root))
+    prep = json.load(open(root / "prepare.json"))
+    t = evaluate.cross_targets(str(root), split, videos, 6)
+    for i, (a, s, b, j) in enumerate(t["pairs"]):
+        A, B, frame = videos[a]["params"]["identity"], videos[b]["params"]["identity"], videos[b]["params"]["frames"][j]
+        assert a != b and np.array_equal(t["src"][i], videos[a]["frames"][s])
+        assert np.array_equal(t["drv_lm"][i], videos[b]["landmarks"][j])
+        img, lm = evaluate.render_crop(A, frame, prep)  # the truth: A's identity, B's pose and expression
+        assert np.array_equal(t["img"][i], img) and np.array_equal(t["lm"][i], lm)
+        # the same recipe with B's own identity reproduces B's prepared frame: it is the driver's pose
+        img_b, lm_b = evaluate.render_crop(B, frame, prep)
+        assert np.abs(lm_b - videos[b]["landmarks"][j]).max() < 0.01
+        assert np.abs(img_b.astype(float) - videos[b]["frames"][j]).mean() < 8  # video coding only
+        # ... and with A's identity it is A's face: A's shape, A's colours
+        assert np.abs(lm - lm_b).max() > 0.5
+        d = lambda x, y: np.abs(x.astype(float) - y).mean()
+        assert d(img, videos[a]["frames"][s]) < d(img, videos[b]["frames"][j])
+
+
+def test_leak_score():
+    bare = np.zeros((8, 8, 3), np.uint8)
+    worn = bare.copy()
+    worn[2:4] = 200  # the "glasses"
+    assert evaluate.leak_score(worn, bare, worn) == 1 and evaluate.leak_score(bare, bare, worn) == 0
+    half = bare.copy()
+    half[2] = 180
+    assert evaluate.leak_score(half, bare, worn) == 0.5 and np.isnan(evaluate.leak_score(bare, bare, bare))
+
+
+def test_metrics_on_synthetic_set(synthetic, monkeypatch):
+    import data
+    monkeypatch.setitem(sys.modules, "dlib", None)
+    root, run = synthetic
+    split, videos = evaluate.videos_of(str(root))
+    rng = np.random.default_rng(0)
+    worn = next(i for i in iter(lambda: data.random_identity(rng), None) if i["glasses"])
+    for k, v in enumerate(videos):  # the first identity bare, the others with glasses: leak pairs exist
+        v["params"]["identity"].update(glasses=worn["glasses"] if k else None)
+    m = evaluate.metrics([str(run)], n_pairs=8)
+    summ = m["runs"][str(run)]["summary"]
+    for key in ("L1", "x_L1", "x_PSNR", "x_SSIM", "xabs_L1", "xabs_SSIM", "leak_glasses"):
+        assert key in summ and np.isfinite(summ[key][0]), key
+    assert 0 <= summ["leak_glasses"][0] <= 1
+
+
+def test_judge_when_dlib_is_installed(synthetic):
+    pytest.importorskip("dlib")
+    root, _ = synthetic
+    src, src_lm, tgt, tgt_lm = evaluate.gather(evaluate.videos_of(str(root))[1], 4)
+    j = evaluate.judge_scores(tgt, src, src_lm, tgt_lm)  # a perfect generator
+    assert max(j["lm_err"]) < 0.5 and max(j["id_dist"]) < 0.6
+
+
+# ================================================================================================
+# reenact: retargeting, video out, flicker
+# ================================================================================================
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """An untrained tiny generator at 32 px: reenact's plumbing does not care what G has learnt."""
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("run") / "ckpt.pt")
+    facesynth.save_checkpoint(path, {"G": networks.Generator(ngf=4).state_dict(), "step": 0, "vgg": "random",
+                                     "args": {"ngf": 4, "n_down": 4, "size": SIZE, "sigma": 1.0, "window": 7, "data": None},
+                                     "lambdas": losses.LAMBDAS})
+    return path
+
+
+def face(seed=0, size=64):
+    rng = np.random.default_rng(seed)
+    identity, motion = data.random_identity(rng), data.talking_motion(rng, 8)
+    return identity, motion, [data.render_face(identity, p, e, size) for p, e in motion]
+
+
+def run(ckpt, *argv):
+    p = argparse.ArgumentParser()
+    facesynth.add_reenact_options(p)
+    return facesynth.reenact(p.parse_args(["--ckpt", ckpt, "--device", "cpu", *argv]))
+
+
+def cli_error(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        facesynth.main(["reenact", *argv])
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_retarget_static_driver_keeps_the_source():
+    src = face(0)[2][0][1]
+    drv = np.repeat(face(1)[2][0][1][None], 5, 0)
+    np.testing.assert_allclose(facesynth.retarget(src, drv), np.repeat(src[None], 5, 0), atol=1e-5)
+
+
+def test_retarget_translation_is_scaled_by_face_size():
+    src = face(0)[2][0][1]
+    base = src * 0.5 + 7  # the driver's face: half the source's size, elsewhere in its frame
+    shift = np.arange(4, dtype=np.float32)[:, None, None] * np.float32([3, -2])
+    out = facesynth.retarget(src, base + shift, neutral=0)
+    np.testing.assert_allclose(out, src + 2 * shift, atol=1e-4)
+    # another neutral frame: the motion is measured from there
+    np.testing.assert_allclose(facesynth.retarget(src, base + shift, neutral=2)[2], src, atol=1e-4)
+
+
+def test_to_crop_is_crop_face_and_absolute_returns_the_driver():
+    frames = face(2)[2]
+    for img, lm in frames:
+        np.testing.assert_allclose(facesynth.to_crop(lm, lm, SIZE, 1.8), data.crop_face(img, lm, SIZE, 1.8)[1], atol=1e-4)
+    drv = np.stack([data.crop_face(img, lm, SIZE, 1.8)[1] for img, lm in frames])  # as a prepared video has them
+    src_uv = data.crop_face(*face(3)[2][0], SIZE, 1.8)[1]
+    np.testing.assert_allclose(facesynth.condition(src_uv, drv, SIZE, 1.8, relative=False), drv, atol=1e-4)
+    assert not np.allclose(facesynth.condition(src_uv, drv, SIZE, 1.8, relative=True), drv, atol=0.5)
+
+
+def test_relative_recovers_the_source_doing_the_drivers_motion():
+    """Synthetic truth: identity A rendered with B's motion. With A's source frame in B's neutral pose,
+    retargeting B's landmarks lands on A's own (fixed crop), far closer than B's absolute ones do."""
+    _, A, _ = facesynth.synthetic("s", "60", 1)
+    _, B, motion = facesynth.synthetic("s", "61", 30)
+    drv = np.stack([data.render_face(B, p, e)[1] for p, e in motion])
+    truth = np.stack([data.render_face(A, p, e)[1] for p, e in motion])
+    src_uv = facesynth.to_crop(truth[0], truth[0], 64, 1.8)
+    err = lambda x, y: np.linalg.norm(x - y, axis=-1).mean()
+    rel = err(facesynth.condition(src_uv, drv, 64, 1.8), [facesynth.to_crop(t, truth[0], 64, 1.8) for t in truth])
+    ab = err(facesynth.condition(src_uv, drv, 64, 1.8, relative=False), [facesynth.to_crop(t, t, 64, 1.8) for t in truth])
+    assert rel < 0.3 and rel < ab / 3
+
+
+def test_flicker():
+    static = np.full((6, 16, 16, 3), 100, np.uint8)
+    assert facesynth.flicker(static) == 0.0
+    rng = np.random.default_rng(0)
+    noisy = [facesynth.flicker(np.clip(static + rng.normal(0, s, static.shape), 0, 255).astype(np.uint8))
+             for s in (1, 4, 16)]
+    assert 0 < noisy[0] < noisy[1] < noisy[2]
+
+
+@pytest.mark.parametrize("ext", ["mp4", "gif"])
+def test_synthetic_video_reads_back(ckpt, tmp_path, ext):
+    out, pngs = str(tmp_path / f"r.{ext}"), str(tmp_path / "png")
+    res = run(ckpt, "--source", "synthetic:60:0", "--driver", "synthetic:61", "--frames", "6",
+              "--out", out, "--frames-dir", pngs)
+    assert res["mode"] == "relative" and res["frames"] == 6  # different identities
+    assert res["flicker"] > 0 and res["flicker_ref"] > 0  # against the rendered ground truth
+    if ext == "gif":
+        frames = imageio.v3.imread(out, index=None)
+    else:
+        with imageio.v2.get_reader(out, "ffmpeg") as r:
+            frames = np.stack([f for f in r])  # not list(r): it asks len(), which ffmpeg gives as inf
+    assert frames.shape[:3] == (6, SIZE, 3 * SIZE)  # driver | landmarks | generated
+    assert sorted(os.listdir(pngs)) == [f"{t:05d}.png" for t in range(6)]
+
+
+def test_image_source_and_landmarks_only_driver(ckpt, tmp_path):
+    (img, lm), drv = face(0, 96)[2][0], np.stack([l for _, l in face(1)[2]])
+    Image.fromarray(img).save(tmp_path / "me.png")
+    data.write_pts(tmp_path / "me.pts", lm)
+    np.save(tmp_path / "drv.npy", drv)
+    res = run(ckpt, "--source", str(tmp_path / "me.png"), "--driver", str(tmp_path / "drv.npy"),
+              "--out", str(tmp_path / "o.gif"), "--zoom", "2")
+    assert res["mode"] == "relative" and "flicker_ref" not in res
+    assert imageio.v3.imread(tmp_path / "o.gif", index=None).shape[:3] == (8, 2 * SIZE, 2 * 2 * SIZE)
+
+
+def test_prepared_and_300vw_drivers(ckpt, tmp_path):
+    frames = face(4)[2]
+    raw = tmp_path / "raw" / "001"
+    os.makedirs(raw / "annot")
+    with imageio.v2.get_writer(raw / "vid.avi", fps=25, codec="libx264", macro_block_size=1) as w:
+        for t, (img, lm) in enumerate(frames):
+            w.append_data(img)
+            data.write_pts(raw / "annot" / f"{t + 1:06d}.pts", lm)
+    prep = tmp_path / "prep"
+    os.makedirs(prep)
+    np.save(prep / "frames.npy", np.stack([data.crop_face(i, l, 48)[0] for i, l in frames]))
+    np.save(prep / "landmarks.npy", np.stack([data.crop_face(i, l, 48)[1] for i, l in frames]))
+    for drv in (raw, prep):  # the source is a frame of the same video: the same person, absolute
+        res = run(ckpt, "--source", f"{drv}:3", "--driver", str(drv), "--out", str(tmp_path / "o.mp4"))
+        assert res["mode"] == "absolute" and res["frames"] == 8 and res["flicker_ref"] > 0
+    assert run(ckpt, "--source", f"{raw}:3", "--driver", str(prep), "--out", str(tmp_path / "o.mp4"),
+               "--frames", "5")["mode"] == "relative"
+
+
+def test_bad_drivers_name_the_file(ckpt, tmp_path, capsys):
+    lms = [l for _, l in face(5)[2]]
+    base = ["--ckpt", ckpt, "--source", "synthetic:60", "--out", str(tmp_path / "o.gif")]
+    gap = tmp_path / "gap"
+    os.makedirs(gap)
+    for t in (1, 2, 4):
+        data.write_pts(gap / f"{t:06d}.pts", lms[t])
+    assert f"{gap / '000003.pts'}: missing" in cli_error(capsys, *base, "--driver", str(gap))
+    bad = tmp_path / "bad"
+    os.makedirs(bad)
+    for t in (1, 2):
+        data.write_pts(bad / f"{t:06d}.pts", lms[t])
+    (bad / "000002.pts").write_text("version: 1\nn_points: 68\n{\n" + "1 2\n" * 67 + "x y\n}\n")
+    assert f"{bad / '000002.pts'}: bad point line" in cli_error(capsys, *base, "--driver", str(bad))
+    np.save(tmp_path / "flat.npy", np.zeros((5, 136), np.float32))
+    assert f"{tmp_path / 'flat.npy'}: landmarks of shape (5, 136)" in cli_error(capsys, *base, "--driver",
+                                                                               str(tmp_path / "flat.npy"))
+    os.makedirs(tmp_path / "vw" / "annot")
+    assert f"{tmp_path / 'vw' / 'vid.avi'}: missing" in cli_error(capsys, *base, "--driver", str(tmp_path / "vw"))
+    Image.fromarray(face(0)[2][0][0]).save(tmp_path / "me.png")  # an image without its landmarks
+    assert "me.pts: missing" in cli_error(capsys, "--ckpt", ckpt, "--source", str(tmp_path / "me.png"),
+                                          "--driver", "synthetic:1", "--out", str(tmp_path / "o.gif"))
