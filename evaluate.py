@@ -130,7 +130,7 @@ def axes(d, box, xr, yr, log=False, title="", xlabel="", ylabel="", xticks=True)
     for v in ticks(*xr, False) if xticks else []:
         d.line([(fx(v), y1), (fx(v), y1 + 4)], fill="black")
         d.text((fx(v), y1 + 6), f"{v:.6g}", fill="black", anchor="ma", font=FONT[11])
-    d.text(((x0 + x1) / 2, y0 - 22), title, fill="black", anchor="ma", font=FONT[13])
+    d.text(((x0 + x1) / 2, y0 - 40), title, fill="black", anchor="ma", font=FONT[13])
     d.text((x0 - 50, y0 - 8), ylabel, fill="black", anchor="ls", font=FONT[11])
     d.text(((x0 + x1) / 2, y1 + 22), xlabel, fill="black", anchor="ma", font=FONT[11])
     return fx, fy
