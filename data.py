@@ -115,10 +115,20 @@ def crop_face(frame, landmarks, size=64, crop_scale=CROP_SCALE):
     return np.asarray(crop, np.uint8), uv.astype(np.float32)
 
 
+def decode(vid):
+    """A video's frames, one at a time (300VW frames are up to 1280 px: a whole video may not fit in
+    memory). Decoders raise many kinds (OSError, RuntimeError, ...): any of them means undecodable."""
+    import imageio
+    try:
+        with imageio.get_reader(vid, "ffmpeg") as reader:
+            yield from reader
+    except Exception as e:  # ffmpeg's message is many lines; its first names the problem
+        raise DataError(f"{vid}: cannot decode ({(str(e).strip() or type(e).__name__).splitlines()[0]})") from None
+
+
 def _prepare_video(vdir, out, size, crop_scale):
     """One raw video folder -> OUT/NAME; returns (frames, warning lines) or raises DataError."""
     import shutil
-    import imageio
     name, annot, vid = os.path.basename(vdir), os.path.join(vdir, "annot"), os.path.join(vdir, "vid.avi")
     if not os.path.isdir(annot):
         raise DataError(f"{annot}: missing annotation folder")
@@ -131,18 +141,13 @@ def _prepare_video(vdir, out, size, crop_scale):
     if not os.path.isfile(vid):
         raise DataError(f"{vid}: missing")
     frames, marks = [], []
-    try:  # decoders raise many kinds (OSError, RuntimeError, ...): any of them means undecodable
-        with imageio.get_reader(vid, "ffmpeg") as reader:
-            for frame in reader:
-                if len(frames) == len(pts):
-                    warn.append(f"{name}: {vid} has more frames than the {len(pts)} .pts files; "
-                                f"using the first {len(pts)}")
-                    break
-                crop, uv = crop_face(frame, pts[len(frames)], size, crop_scale)
-                frames.append(crop)
-                marks.append(uv)
-    except Exception as e:  # ffmpeg's message is many lines; its first names the problem
-        raise DataError(f"{vid}: cannot decode ({(str(e).strip() or type(e).__name__).splitlines()[0]})")
+    for frame in decode(vid):
+        if len(frames) == len(pts):
+            warn.append(f"{name}: {vid} has more frames than the {len(pts)} .pts files; using the first {len(pts)}")
+            break
+        crop, uv = crop_face(frame, pts[len(frames)], size, crop_scale)
+        frames.append(crop)
+        marks.append(uv)
     if not frames:
         raise DataError(f"{vid}: no frames to use ({len(pts)} .pts files)")
     if len(frames) < len(pts):
@@ -590,6 +595,11 @@ def mirror_landmarks(landmarks, size):
 def flip(images, landmarks):
     """Mirror images (B,C,S,S) together with their landmarks (B,68,2)."""
     return images.flip(-1), mirror_landmarks(landmarks, images.shape[-1])
+
+
+def heatmap_picture(landmarks, size, sigma=SIGMA, window=WINDOW):
+    """What G is given, as a grey picture (B,3,S,S) in [-1, 1]: the max over the 68 heatmaps."""
+    return heatmaps(landmarks, size, sigma, window).amax(1, keepdim=True).mul(2).sub(1).expand(-1, 3, -1, -1)
 
 
 def heatmaps(landmarks, size, sigma=SIGMA, window=WINDOW):

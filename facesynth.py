@@ -196,7 +196,7 @@ def sample_grid(path, b, fake, size, n=4):
     """Rows of (source, target landmarks, generated, target): what G saw and what it drew."""
     from PIL import Image
     n = min(n, len(fake))
-    lm = data.heatmaps(b["lm_t"][:n], size).amax(1, keepdim=True).mul(2).sub(1).expand(-1, 3, -1, -1)
+    lm = data.heatmap_picture(b["lm_t"][:n], size)
     cols = [b["I_s"][:n], lm, fake[:n].float(), b["I_t"][:n]]
     rows = [np.concatenate(list(data.to_uint8(c[i:i + 1])[0] for c in cols), axis=1) for i in range(n)]
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
@@ -568,16 +568,6 @@ def read_pts_folder(folder, n=None):
     return np.stack([data.read_pts(os.path.join(folder, f)) for f in files])
 
 
-def decode(vid):
-    """One frame at a time: 300VW frames are up to 1280 px, a whole video may not fit in memory."""
-    import imageio
-    try:
-        with imageio.get_reader(vid, "ffmpeg") as reader:
-            yield from reader
-    except Exception as e:  # decoders raise many kinds; the first line of ffmpeg's message says why
-        raise data.DataError(f"{vid}: cannot decode ({(str(e).strip() or type(e).__name__).splitlines()[0]})") from None
-
-
 def synthetic(spec, ident, n):
     """Identity `ident` of the built-in set (seed 0; its video ident+1, so 50 and up are test identities,
     never trained on) and n frames of its talking motion, drawn for the set's video length so that
@@ -607,7 +597,7 @@ def load_driver(spec, n=None):
         for f in ("annot", "vid.avi"):
             if not os.path.exists(join(f)):
                 raise data.DataError(f"{join(f)}: missing (a 300VW-layout video is vid.avi + annot/*.pts)")
-        lms, frames = read_pts_folder(join("annot"), n), decode(join("vid.avi"))
+        lms, frames = read_pts_folder(join("annot"), n), data.decode(join("vid.avi"))
     else:
         lms = read_pts_folder(spec, n)
     return {"lms": lms, "frames": frames, "who": os.path.realpath(spec), "motion": None}
@@ -646,9 +636,10 @@ def reenact_frames(G, cfg, src_crop, lms, batch=REENACT_BATCH):
     a, dev, t0, gen, seen = cfg["args"], next(G.parameters()).device, time.time(), [], []
     I_s = data.to_tensor(src_crop[None].copy()).to(dev)  # a copy: PIL's arrays are read-only
     for i in range(0, len(lms), batch):
-        e = data.heatmaps(torch.as_tensor(lms[i:i + batch], device=dev), a["size"], a["sigma"], a["window"])
+        lm = torch.as_tensor(lms[i:i + batch], device=dev)
+        e = data.heatmaps(lm, a["size"], a["sigma"], a["window"])
         gen.append(data.to_uint8(G(I_s.expand(len(e), -1, -1, -1), e)))
-        seen.append(data.to_uint8(e.amax(1, keepdim=True).mul(2).sub(1).expand(-1, 3, -1, -1)))
+        seen.append(data.to_uint8(data.heatmap_picture(lm, a["size"], a["sigma"], a["window"])))
         data.progress("reenact", i + len(e), len(lms), t0)
     return np.concatenate(gen), np.concatenate(seen)
 
