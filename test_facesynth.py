@@ -1032,3 +1032,18 @@ def test_bad_drivers_name_the_file(ckpt, tmp_path, capsys):
     Image.fromarray(face(0)[2][0][0]).save(tmp_path / "me.png")  # an image without its landmarks
     assert "me.pts: missing" in cli_error(capsys, "--ckpt", ckpt, "--source", str(tmp_path / "me.png"),
                                           "--driver", "synthetic:1", "--out", str(tmp_path / "o.gif"))
+
+
+def test_ablation_trains_every_group_then_reports_and_skips_finished_runs(blobs, tmp_path, capsys):
+    out = str(tmp_path / "abl")
+    argv = ["ablation", "--data", blobs, "--out", out, "--seeds", "1", "--steps", "2", *TINY_TRAIN]
+    facesynth.main(argv)
+    report = open(os.path.join(out, "REPORT.md")).read()
+    for name in facesynth.GROUP_RUNS:
+        assert torch.load(os.path.join(out, name, "seed0", "ckpt.pt"))["step"] == 2
+        assert f"| {name} |" in report
+    cfg = json.load(open(os.path.join(out, "no_consistency", "seed0", "config.json")))
+    assert cfg["lambdas"]["self"] == cfg["lambdas"]["triple"] == 0 and cfg["lambdas"]["pix"] > 0
+    capsys.readouterr()
+    facesynth.main(argv)  # a second call trains nothing
+    assert capsys.readouterr().out.count("finished, skipped") == len(facesynth.GROUP_RUNS)
