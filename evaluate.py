@@ -181,25 +181,13 @@ def gather(videos, n, seed=SEED):
     return get("frames", 1), get("landmarks", 1), get("frames", 2), get("landmarks", 2)
 
 
-@torch.no_grad()
-def generate(G, cfg, src, lm, batch=32):
-    """Î = G(I_s; e): uint8 sources (N,S,S,3), target landmarks (N,68,2) -> uint8 (N,S,S,3)."""
-    a, dev, out = cfg["args"], next(G.parameters()).device, []
-    if src.shape[1] != a["size"]:
-        raise DataError(f"the dataset's images are {src.shape[1]} px, the run was trained at {a['size']} px")
-    for i in range(0, len(src), batch):
-        e = data.heatmaps(torch.as_tensor(np.asarray(lm[i:i + batch]), device=dev), a["size"], a["sigma"], a["window"])
-        out.append(data.to_uint8(G(data.to_tensor(torch.as_tensor(np.asarray(src[i:i + batch]), device=dev)), e)))
-    return np.concatenate(out)
-
-
 # ----------------------------------------------------------------------------- metrics
 def flicker_ratio(G, cfg, video, n=FLICKER_FRAMES):
     """Temporal consistency (the paper's ethics section: frame-by-frame generation flickers): a test
     video's first frame driven by its own next n landmarks; the generated video's mean frame-to-frame
     change over the real video's. 1 = as steady as the real footage, above 1 = flicker."""
     T = min(len(video["landmarks"]), n)
-    gen = generate(G, cfg, np.repeat(np.asarray(video["frames"][:1]), T, 0), video["landmarks"][:T])
+    gen = facesynth.generate(G, cfg, np.repeat(np.asarray(video["frames"][:1]), T, 0), video["landmarks"][:T])
     return facesynth.flicker(gen) / max(facesynth.flicker(np.asarray(video["frames"][:T])), 1e-6)
 
 
@@ -323,16 +311,16 @@ def metrics(run_dirs, split=None, data=None, n_pairs=N_EVAL, seed=SEED, device="
         root = data or cfg["args"]["data"]
         out["split"], videos = videos_of(root, split)
         src, src_lm, tgt, tgt_lm = gather(videos, n_pairs, seed)
-        gen = generate(G, cfg, src, tgt_lm)
+        gen = facesynth.generate(G, cfg, src, tgt_lm)
         judged = judge_scores(gen, src, src_lm, tgt_lm)
         out["judge"] = "dlib" if judged else "skipped (dlib / face_recognition_models not installed)"
         pairs = {**scores(gen, tgt), **(judged or {})}
         if len(videos) > 1 and all(v["params"] for v in videos):  # the synthetic set: cross-identity
             t = cross_targets(root, out["split"], videos, n_pairs, seed)
-            x_gen = generate(G, cfg, t["src"], t["lm"])
+            x_gen = facesynth.generate(G, cfg, t["src"], t["lm"])
             pairs.update(scores(x_gen, t["img"], "x_"))
             # the paper's setting: the driver's own landmarks (B's face shape), against the same truth
-            pairs.update(scores(generate(G, cfg, t["src"], t["drv_lm"]), t["img"], "xabs_"))
+            pairs.update(scores(facesynth.generate(G, cfg, t["src"], t["drv_lm"]), t["img"], "xabs_"))
             pairs.update({"leak_" + k: [leak_score(x_gen[j], t["img"][j], worn) for j, worn in items]
                           for k, items in t["leak"].items() if items})
         pairs["flicker"] = [flicker_ratio(G, cfg, v) for v in videos[:FLICKER_VIDEOS]]
@@ -354,7 +342,7 @@ def generated_pairs(run_dirs, split, data_root, n, seed, device):
         raise DataError(f"runs use different datasets ({', '.join(sorted(roots))}); pick one with --data")
     src, src_lm, tgt, tgt_lm = gather(videos_of(roots.pop(), split)[1], n, seed)
     dots = lambda lms: np.stack([draw_landmarks(lm, src.shape[1]) for lm in lms])
-    return src, dots(src_lm), tgt, dots(tgt_lm), [generate(G, cfg, src, tgt_lm) for G, cfg in runs]
+    return src, dots(src_lm), tgt, dots(tgt_lm), [facesynth.generate(G, cfg, src, tgt_lm) for G, cfg in runs]
 
 
 def heatmap_figure(run_dirs, out, split=None, data_root=None, n=N_FIGURE, seed=SEED, device="cpu",

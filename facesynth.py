@@ -89,6 +89,21 @@ def load_generator(path, device="cpu"):
     return G.eval(), cfg
 
 
+@torch.no_grad()
+def generate(G, cfg, src, lm, batch=32, label=None):
+    """Î = G(I_s; e) in batches: uint8 sources (N,S,S,3) and target landmarks (N,68,2) -> uint8 (N,S,S,3).
+    With a label, a progress line."""
+    a, dev, out, t0 = cfg["args"], next(G.parameters()).device, [], time.time()
+    if src.shape[1] != a["size"]:
+        raise data.DataError(f"the images are {src.shape[1]} px, the run was trained at {a['size']} px")
+    for i in range(0, len(src), batch):
+        e = data.heatmaps(torch.as_tensor(np.asarray(lm[i:i + batch]), device=dev), a["size"], a["sigma"], a["window"])
+        out.append(data.to_uint8(G(data.to_tensor(np.asarray(src[i:i + batch])).to(dev), e)))
+        if label:
+            data.progress(label, i + len(e), len(src), t0)
+    return np.concatenate(out)
+
+
 # ----------------------------------------------------------------------------- the step
 def generator_passes(G, I_s, e_s, e_m, e_t, cycle=True, fused=True):
     """Î_t = G(I_s; e_t) and, for the consistency terms, G(Î_t; e_s), G(I_s; e_m), G(G(I_s; e_m); e_t).
@@ -501,7 +516,6 @@ def ablation(args):
 # landmarks. Here any landmark sequence drives a source face, frame by frame.
 REENACT_FRAMES = 100  # a synthetic driver's length: 4 s at 25 fps
 REENACT_FPS = 25
-REENACT_BATCH = 32
 
 
 def face_size(lm):
@@ -630,20 +644,6 @@ def load_face(spec, pts=None):
     return {"image": image, "lm": data.read_pts(pts), "who": os.path.realpath(spec), "identity": None}
 
 
-@torch.no_grad()
-def reenact_frames(G, cfg, src_crop, lms, batch=REENACT_BATCH):
-    """Î_t = G(I_s; e_t) for every driver frame, batched -> (generated, the heatmaps G got) as uint8."""
-    a, dev, t0, gen, seen = cfg["args"], next(G.parameters()).device, time.time(), [], []
-    I_s = data.to_tensor(src_crop[None].copy()).to(dev)  # a copy: PIL's arrays are read-only
-    for i in range(0, len(lms), batch):
-        lm = torch.as_tensor(lms[i:i + batch], device=dev)
-        e = data.heatmaps(lm, a["size"], a["sigma"], a["window"])
-        gen.append(data.to_uint8(G(I_s.expand(len(e), -1, -1, -1), e)))
-        seen.append(data.to_uint8(data.heatmap_picture(lm, a["size"], a["sigma"], a["window"])))
-        data.progress("reenact", i + len(e), len(lms), t0)
-    return np.concatenate(gen), np.concatenate(seen)
-
-
 def write_video(path, frames, fps):
     import imageio
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -682,7 +682,11 @@ def reenact(args):
         if len(panels) < T:
             print(f"note: {args.driver}: {len(panels)} frames for {T} landmark sets; using the first {len(panels)}")
             T = len(panels)
-    gen, seen = reenact_frames(G, cfg, src_crop, condition(src_uv, lms, size, crop_scale, relative, args.neutral)[:T])
+    cond = condition(src_uv, lms, size, crop_scale, relative, args.neutral)[:T]
+    gen = generate(G, cfg, np.repeat(src_crop[None], T, 0), cond, label="reenact")
+    a = cfg["args"]
+    seen = np.concatenate([data.to_uint8(data.heatmap_picture(torch.as_tensor(cond[i:i + 64]), size, a["sigma"], a["window"]))
+                           for i in range(0, T, 64)])  # the landmarks G got, as a picture
     ref, ref_name = (np.stack(panels), "driver") if panels else (None, None)
     if src.get("identity") and drv["motion"]:  # synthetic: the source identity really doing the motion
         truth = [data.render_face(src["identity"], p, e) for p, e in drv["motion"][:T]]
