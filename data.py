@@ -31,7 +31,14 @@ SPLITS_300VW = {
 
 
 class DataError(ValueError):
-    """Bad input on disk; the message is one line that names the file and the problem."""
+    """Bad input: the message is one line that names the file or option and the problem."""
+
+
+def fail(msg):
+    """A user-facing error: one line on stderr, exit status 2, no traceback."""
+    import sys
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 def progress(label, done, total, t0, unit="frames", extra=""):
@@ -124,6 +131,18 @@ def decode(vid):
             yield from reader
     except Exception as e:  # ffmpeg's message is many lines; its first names the problem
         raise DataError(f"{vid}: cannot decode ({(str(e).strip() or type(e).__name__).splitlines()[0]})") from None
+
+
+def write_video(path, frames, fps):
+    import imageio
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if path.lower().endswith(".gif"):  # Pillow's GIF writer takes milliseconds per frame
+        imageio.v3.imwrite(path, frames, duration=1000 / fps, loop=0)
+        return
+    with imageio.v2.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                               ffmpeg_log_level="error") as video:
+        for f in frames:
+            video.append_data(f)
 
 
 def _prepare_video(vdir, out, size, crop_scale):
@@ -592,11 +611,6 @@ def mirror_landmarks(landmarks, size):
     return mirrored
 
 
-def flip(images, landmarks):
-    """Mirror images (B,C,S,S) together with their landmarks (B,68,2)."""
-    return images.flip(-1), mirror_landmarks(landmarks, images.shape[-1])
-
-
 def heatmap_picture(landmarks, size, sigma=SIGMA, window=WINDOW):
     """What G is given, as a grey picture (B,3,S,S) in [-1, 1]: the max over the 68 heatmaps."""
     return heatmaps(landmarks, size, sigma, window).amax(1, keepdim=True).mul(2).sub(1).expand(-1, 3, -1, -1)
@@ -611,3 +625,129 @@ def heatmaps(landmarks, size, sigma=SIGMA, window=WINDOW):
     profile = torch.exp(-d.square() / (2 * sigma ** 2))
     profile = profile * ((grid - landmarks.float().round().unsqueeze(-1)).abs() <= window // 2)
     return profile[:, :, 1, :, None] * profile[:, :, 0, None, :]   # y down the rows, x along them
+
+
+# ===== SECTION R: reenact's inputs (landmark sequences, faces) and retargeting =====
+# The paper needs the target *image* (its landmarks come from it); real use has only a driver's
+# landmarks. These read a driver's landmarks and a source face from any of the formats reenact takes.
+REENACT_FRAMES = 100  # a synthetic driver's length: 4 s at 25 fps
+
+
+def face_size(lm):
+    """The larger side of the landmarks' box: what THE crop scales with (crop_box), so a motion
+    divided by it is the same in raw-frame pixels, prepared-crop pixels or any resolution."""
+    return float(np.ptp(lm, 0).max())
+
+
+def retarget(src_lm, drv_lms, neutral=0):
+    """Relative retargeting, (68,2) + (T,68,2) -> (T,68,2), each in its own pixels: the source's own
+    landmarks moved by the driver's motion since its neutral frame, scaled by the ratio of face sizes.
+    The source keeps its face shape; absolute landmarks would squeeze a wide face into the driver's."""
+    motion = drv_lms - drv_lms[neutral]
+    return (src_lm + motion * (face_size(src_lm) / face_size(drv_lms[neutral]))).astype(np.float32)
+
+
+def to_crop(lm, box_lm, size, crop_scale):
+    """Points -> pixels of the crop that crop_face cuts around box_lm (the same affine)."""
+    x0, y0, side = crop_box(box_lm, crop_scale)
+    return ((lm + 0.5 - np.array([x0, y0])) * (size / side) - 0.5).astype(np.float32)
+
+
+def condition(src_uv, drv_lms, size, crop_scale, relative=True, neutral=0):
+    """The landmarks G gets, in the source crop's pixels. Relative: retarget (the crop is a similarity,
+    which commutes with it, so it runs on the source's crop landmarks). Absolute (the paper's setting):
+    every driver frame's landmarks in its own crop, as training presented every target."""
+    if relative:
+        return retarget(src_uv, drv_lms, neutral)
+    return np.stack([to_crop(lm, lm, size, crop_scale) for lm in drv_lms])
+
+
+def load_landmarks(path, n=None):
+    """A landmarks .npy: (T,68,2), x then y, 0-based pixels; the first n frames."""
+    try:
+        lms = np.load(path).astype(np.float32)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    if lms.ndim != 3 or lms.shape[1:] != (N_LANDMARKS, 2) or not len(lms) or not np.isfinite(lms).all():
+        raise DataError(f"{path}: landmarks of shape {lms.shape}, expected finite (T, {N_LANDMARKS}, 2)")
+    return lms[:n]
+
+
+def read_pts_folder(folder, n=None):
+    """Sorted .pts files. Numbered ones must not skip a number: every later frame would get the
+    landmarks of the frame after it."""
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".pts"))[:n]
+    if not files:
+        raise DataError(f"{folder}: no .pts files")
+    stems = [f[:-4] for f in files]
+    if all(s.isdigit() for s in stems):
+        gap = next((i for i, s in enumerate(stems) if int(s) != int(stems[0]) + i), None)
+        if gap is not None:
+            want = f"{int(stems[0]) + gap:0{len(stems[0])}d}.pts"
+            raise DataError(f"{os.path.join(folder, want)}: missing ({files[gap - 1]} is followed by "
+                                 f"{files[gap]})")
+    return np.stack([read_pts(os.path.join(folder, f)) for f in files])
+
+
+def synthetic(spec, ident, n):
+    """Identity `ident` of the built-in set (seed 0; its video ident+1, so 50 and up are test identities,
+    never trained on) and n frames of its talking motion, drawn for the set's video length so that
+    they are that video's first frames."""
+    if not ident.isdigit():
+        raise DataError(f"{spec}: expected synthetic:ID with an integer ID")
+    rng = np.random.default_rng([0, int(ident)])
+    return f"synthetic:{int(ident)}", random_identity(rng), talking_motion(rng, max(n, SYNTH_FRAMES))[:n]
+
+
+def load_driver(spec, n=None):
+    """DRIVER -> {"lms": (T,68,2) in its frames' pixels, "frames": iterable or None, "who": its person
+    (the source's too: absolute by default), "motion": a synthetic driver's (pose, expression)s}."""
+    if spec.startswith("synthetic:"):
+        who, identity, motion = synthetic(spec, spec.split(":")[1], n or REENACT_FRAMES)
+        frames, lms = zip(*(render_face(identity, p, e) for p, e in motion))
+        return {"lms": np.stack(lms), "frames": frames, "who": who, "motion": motion}
+    join, frames = lambda f: os.path.join(spec, f), None
+    if os.path.isfile(spec) and spec.endswith(".npy"):
+        lms = load_landmarks(spec, n)
+    elif not os.path.isdir(spec):
+        raise DataError(f"{spec}: no such driver (a video folder, landmarks .npy, folder of .pts or synthetic:ID)")
+    elif any(os.path.isfile(join(f)) for f in ("frames.npy", "landmarks.npy")):  # a prepared video
+        lms = load_landmarks(join("landmarks.npy"), n)
+        frames = np.load(join("frames.npy"), mmap_mode="r") if os.path.isfile(join("frames.npy")) else None
+    elif any(os.path.exists(join(f)) for f in ("vid.avi", "annot")):  # the 300VW layout
+        for f in ("annot", "vid.avi"):
+            if not os.path.exists(join(f)):
+                raise DataError(f"{join(f)}: missing (a 300VW-layout video is vid.avi + annot/*.pts)")
+        lms, frames = read_pts_folder(join("annot"), n), decode(join("vid.avi"))
+    else:
+        lms = read_pts_folder(spec, n)
+    return {"lms": lms, "frames": frames, "who": os.path.realpath(spec), "motion": None}
+
+
+def load_face(spec, pts=None):
+    """FACE -> {"image", "lm" (68,2) in its pixels, "who", "identity" (synthetic sources only)}."""
+    from PIL import Image
+    if spec.startswith("synthetic:"):
+        ident, t = (spec.split(":") + ["0"])[1:3]
+        if not t.isdigit():
+            raise DataError(f"{spec}: expected synthetic:ID:FRAME with an integer FRAME")
+        who, identity, motion = synthetic(spec, ident, int(t) + 1)
+        return dict(zip(("image", "lm"), render_face(identity, *motion[-1])), who=who, identity=identity)
+    if ":" in spec and not os.path.exists(spec):  # DIR:FRAME of a prepared or 300VW-layout video
+        import itertools
+        folder, t = spec.rsplit(":", 1)
+        drv = load_driver(folder, int(t) + 1) if t.isdigit() else {"lms": [], "frames": None}
+        image = None if drv["frames"] is None else next(itertools.islice(drv["frames"], int(t), None), None)
+        if image is None or len(drv["lms"]) <= int(t):
+            raise DataError(f"{spec}: no frame {t} with landmarks in {folder}")
+        return {"image": np.asarray(image), "lm": drv["lms"][int(t)], "who": drv["who"], "identity": None}
+    try:
+        image = np.asarray(Image.open(spec).convert("RGB"))
+    except OSError:  # missing, or not an image Pillow knows
+        raise DataError(f"{spec}: not a readable image") from None
+    pts = pts or os.path.splitext(spec)[0] + ".pts"
+    if not os.path.isfile(pts):
+        raise DataError(f"{pts}: missing (the source's 68 landmarks: a .pts beside the image, or --source-pts)")
+    return {"image": image, "lm": read_pts(pts), "who": os.path.realpath(spec), "identity": None}
+
+

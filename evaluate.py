@@ -23,8 +23,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import data
-import facesynth
+import networks
 from data import DataError, progress  # metrics(data=...), the lead's API, hides the module there
+from losses import TERMS
 
 # ----------------------------------------------------------------------------- defaults
 N_FIGURE, N_EVAL, SEED = 6, 200, 0   # pairs in a figure, pairs scored by metrics, pair-sampling seed
@@ -32,7 +33,6 @@ VMIN, VMAX = 0, 96                   # the paper: error 0 -> dark blue, >= 96 of
 N_PERM = 10000                       # sign flips in the paired permutation test
 FLICKER_VIDEOS, FLICKER_FRAMES = 8, 40  # flicker: the first 8 videos of the split, 40 frames each
 TAIL = 0.1                           # "end of training" = mean of the last 10 % of the log's rows
-TERMS = facesynth.TERMS              # adv pix self triple pp id
 LEAK_ATTRS = ("glasses", "beard")    # synthetic attributes (None or a dict) an identity may lack
 LEAK_LEVELS = 8                      # an attribute's mask: where it changes the render by > 8 of 255
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
@@ -182,13 +182,21 @@ def gather(videos, n, seed=SEED):
 
 
 # ----------------------------------------------------------------------------- metrics
+def flicker(frames):
+    """Temporal change of a uint8 video (T,H,W,3): mean |frame t+1 - frame t| on the 0-255 scale, 0 when
+    static. The motion itself changes pixels too, so reenact reports flicker(generated) / flicker(a
+    reference doing the same motion): 1 = as steady as the real thing, above 1 = added flicker."""
+    f = np.asarray(frames, np.float32)
+    return float(np.abs(np.diff(f, axis=0)).mean()) if len(f) > 1 else 0.0
+
+
 def flicker_ratio(G, cfg, video, n=FLICKER_FRAMES):
     """Temporal consistency (the paper's ethics section: frame-by-frame generation flickers): a test
     video's first frame driven by its own next n landmarks; the generated video's mean frame-to-frame
     change over the real video's. 1 = as steady as the real footage, above 1 = flicker."""
     T = min(len(video["landmarks"]), n)
-    gen = facesynth.generate(G, cfg, np.repeat(np.asarray(video["frames"][:1]), T, 0), video["landmarks"][:T])
-    return facesynth.flicker(gen) / max(facesynth.flicker(np.asarray(video["frames"][:T])), 1e-6)
+    gen = networks.generate(G, cfg, np.repeat(np.asarray(video["frames"][:1]), T, 0), video["landmarks"][:T])
+    return flicker(gen) / max(flicker(np.asarray(video["frames"][:T])), 1e-6)
 
 
 def ssim(a, b):
@@ -307,20 +315,20 @@ def metrics(run_dirs, split=None, data=None, n_pairs=N_EVAL, seed=SEED, device="
     pair]}, "summary": {metric: [mean, low, high]}}}}, the interval a 95 % t-interval over pairs."""
     out, t0 = {"n_pairs": n_pairs, "seed": seed, "runs": {}}, time.time()
     for i, run_dir in enumerate(run_dirs):
-        G, cfg = facesynth.load_generator(run_dir, device)
+        G, cfg = networks.load_generator(run_dir, device)
         root = data or cfg["args"]["data"]
         out["split"], videos = videos_of(root, split)
         src, src_lm, tgt, tgt_lm = gather(videos, n_pairs, seed)
-        gen = facesynth.generate(G, cfg, src, tgt_lm)
+        gen = networks.generate(G, cfg, src, tgt_lm)
         judged = judge_scores(gen, src, src_lm, tgt_lm)
         out["judge"] = "dlib" if judged else "skipped (dlib / face_recognition_models not installed)"
         pairs = {**scores(gen, tgt), **(judged or {})}
         if len(videos) > 1 and all(v["params"] for v in videos):  # the synthetic set: cross-identity
             t = cross_targets(root, out["split"], videos, n_pairs, seed)
-            x_gen = facesynth.generate(G, cfg, t["src"], t["lm"])
+            x_gen = networks.generate(G, cfg, t["src"], t["lm"])
             pairs.update(scores(x_gen, t["img"], "x_"))
             # the paper's setting: the driver's own landmarks (B's face shape), against the same truth
-            pairs.update(scores(facesynth.generate(G, cfg, t["src"], t["drv_lm"]), t["img"], "xabs_"))
+            pairs.update(scores(networks.generate(G, cfg, t["src"], t["drv_lm"]), t["img"], "xabs_"))
             pairs.update({"leak_" + k: [leak_score(x_gen[j], t["img"][j], worn) for j, worn in items]
                           for k, items in t["leak"].items() if items})
         pairs["flicker"] = [flicker_ratio(G, cfg, v) for v in videos[:FLICKER_VIDEOS]]
@@ -336,13 +344,22 @@ def metrics(run_dirs, split=None, data=None, n_pairs=N_EVAL, seed=SEED, device="
 def generated_pairs(run_dirs, split, data_root, n, seed, device):
     """The first n evaluation pairs of the runs' (one) dataset as image columns: source, its landmarks
     drawn, target, its landmarks drawn, and the list of each run's generated images."""
-    runs = [facesynth.load_generator(r, device) for r in run_dirs]
+    runs = [networks.load_generator(r, device) for r in run_dirs]
     roots = {data_root or cfg["args"]["data"] for _, cfg in runs}
     if len(roots) > 1:  # a figure's rows are shared, so the runs must be
         raise DataError(f"runs use different datasets ({', '.join(sorted(roots))}); pick one with --data")
     src, src_lm, tgt, tgt_lm = gather(videos_of(roots.pop(), split)[1], n, seed)
     dots = lambda lms: np.stack([draw_landmarks(lm, src.shape[1]) for lm in lms])
-    return src, dots(src_lm), tgt, dots(tgt_lm), [facesynth.generate(G, cfg, src, tgt_lm) for G, cfg in runs]
+    return src, dots(src_lm), tgt, dots(tgt_lm), [networks.generate(G, cfg, src, tgt_lm) for G, cfg in runs]
+
+
+def sample_grid(path, b, fake, size, n=4):
+    """Rows of (source, target landmarks, generated, target): what G saw and what it drew."""
+    n = min(n, len(fake))
+    lm = data.heatmap_picture(b["lm_t"][:n], size)
+    cols = [b["I_s"][:n], lm, fake[:n].float(), b["I_t"][:n]]
+    rows = [np.concatenate(list(data.to_uint8(c[i:i + 1])[0] for c in cols), axis=1) for i in range(n)]
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
 def heatmap_figure(run_dirs, out, split=None, data_root=None, n=N_FIGURE, seed=SEED, device="cpu",
@@ -522,7 +539,7 @@ def main(argv=None):
             paths = ([heatmap_figure(a.runs, a.out, a.split, a.data, a.n, a.seed, a.device, a.vmin, a.vmax)]
                      if a.cmd == "heatmaps" else grid_figures(a.runs, a.out, a.split, a.data, a.n, a.seed, a.device))
     except DataError as e:
-        facesynth.fail(str(e))
+        data.fail(str(e))
     print("wrote " + ", ".join(paths))
 
 

@@ -29,8 +29,11 @@ import torch
 import torch.distributed as dist
 
 import data
+import evaluate
 import losses
 import networks
+from data import DataError, fail
+from losses import TERMS
 
 # ----------------------------------------------------------------------------- defaults
 # The paper's: Adam, G 2e-4 / D 5e-5, 6 epochs of 9.5k triplets at 64 px. The paper is silent on
@@ -42,66 +45,6 @@ NGF, N_DOWN, NDF = 64, 4, 32
 LOG_EVERY, SAMPLE_EVERY, CKPT_EVERY = 50, 500, 500
 CACHE = os.path.join("data", "synthetic")
 RESUMABLE = {"steps", "epochs", "device", "log_every", "sample_every", "ckpt_every", "compile", "out"}
-TERMS = ("adv", "pix", "self", "triple", "pp", "id")
-
-
-def fail(msg):
-    """A user-facing error: one line on stderr, exit status 2, no traceback."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path, ckpt):
-    """Atomic: a crash (or Ctrl-C) while writing never leaves a half checkpoint behind."""
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, device="cpu"):
-    """A checkpoint is a plain dict of tensors and Python values, so weights_only=True loads it
-    without running any pickled code."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise data.DataError(f"{path}: no checkpoint there")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise data.DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:80]})") from None
-    if not isinstance(ckpt, dict) or not {"G", "args", "step"} <= set(ckpt):
-        raise data.DataError(f"{path}: not a facesynth checkpoint (missing G/args/step)")
-    return ckpt
-
-
-def build_generator(args):
-    return networks.Generator(ngf=args["ngf"], n_down=args["n_down"])
-
-
-def load_generator(path, device="cpu"):
-    """G from a run folder or checkpoint file, in eval mode, and the run's config."""
-    ckpt = load_checkpoint(path, device)
-    G = build_generator(ckpt["args"]).to(device)
-    G.load_state_dict(ckpt["G"])
-    cfg = {"args": ckpt["args"], "lambdas": ckpt["lambdas"], "vgg": ckpt["vgg"],
-           "params_G": networks.count_params(G), "step": ckpt["step"]}
-    return G.eval(), cfg
-
-
-@torch.no_grad()
-def generate(G, cfg, src, lm, batch=32, label=None):
-    """Î = G(I_s; e) in batches: uint8 sources (N,S,S,3) and target landmarks (N,68,2) -> uint8 (N,S,S,3).
-    With a label, a progress line."""
-    a, dev, out, t0 = cfg["args"], next(G.parameters()).device, [], time.time()
-    if src.shape[1] != a["size"]:
-        raise data.DataError(f"the images are {src.shape[1]} px, the run was trained at {a['size']} px")
-    for i in range(0, len(src), batch):
-        e = data.heatmaps(torch.as_tensor(np.asarray(lm[i:i + batch]), device=dev), a["size"], a["sigma"], a["window"])
-        out.append(data.to_uint8(G(data.to_tensor(np.asarray(src[i:i + batch])).to(dev), e)))
-        if label:
-            data.progress(label, i + len(e), len(src), t0)
-    return np.concatenate(out)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -207,16 +150,6 @@ def steps_per_epoch(args, world=1):
 
 
 # ----------------------------------------------------------------------------- training
-def sample_grid(path, b, fake, size, n=4):
-    """Rows of (source, target landmarks, generated, target): what G saw and what it drew."""
-    from PIL import Image
-    n = min(n, len(fake))
-    lm = data.heatmap_picture(b["lm_t"][:n], size)
-    cols = [b["I_s"][:n], lm, fake[:n].float(), b["I_t"][:n]]
-    rows = [np.concatenate(list(data.to_uint8(c[i:i + 1])[0] for c in cols), axis=1) for i in range(n)]
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
-
-
 def setup_distributed(device):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python facesynth.py` is one process."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
@@ -242,11 +175,11 @@ def train(args):
     resume = args.get("resume")
     ckpt = None
     if resume:
-        ckpt = load_checkpoint(resume)
+        ckpt = networks.load_checkpoint(resume)
         saved, given = ckpt["args"], args.pop("_given")
         changed = sorted(k for k in given - RESUMABLE - {"resume"} if args[k] != saved.get(k))
         if changed:
-            raise data.DataError(f"{resume}: cannot change {', '.join(changed)} when resuming")
+            raise DataError(f"{resume}: cannot change {', '.join(changed)} when resuming")
         args = {**saved, **{k: args[k] for k in given & RESUMABLE}, "resume": resume}
         if "out" not in given:
             args["out"] = resume if os.path.isdir(resume) else os.path.dirname(resume)
@@ -268,7 +201,7 @@ def train(args):
     videos = data.load_videos(args["data"], "train")
     lam = losses.lambdas({t: args[f"lambda_{t}"] for t in TERMS if args[f"lambda_{t}"] is not None}, args["ablate"])
 
-    G = build_generator(args).to(device)
+    G = networks.build_generator(args).to(device)
     D = networks.Discriminator(ndf=args["ndf"]).to(device)
     widths = args["vgg_widths"] or networks.VGG_WIDTHS
     vgg, vgg_source = networks.load_vgg(losses.VGG_LAYERS, path=args["vgg"], log=log, widths=widths)
@@ -281,7 +214,6 @@ def train(args):
     if ckpt:
         G.load_state_dict(ckpt["G"]), D.load_state_dict(ckpt["D"])
         opt_G.load_state_dict(ckpt["opt_G"]), opt_D.load_state_dict(ckpt["opt_D"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
         start = ckpt["step"]
     G_run, D_run = G, D
     if world > 1:
@@ -305,10 +237,9 @@ def train(args):
 
     def checkpoint(step):
         if main_rank:
-            save_checkpoint(os.path.join(out, "ckpt.pt"), {
+            networks.save_checkpoint(os.path.join(out, "ckpt.pt"), {
                 "G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
-                "step": step, "epoch": step / per_epoch, "args": args, "lambdas": lam, "vgg": vgg_source,
-                "rng": {"torch": torch.get_rng_state()}})
+                "step": step, "args": args, "lambdas": lam, "vgg": vgg_source})
 
     log_path = os.path.join(out, "log.csv")
     fields = ["step", "epoch", "time", "triplets_per_s"] + [f"L_{t}" for t in TERMS] + ["L_G", "L_D", "lr_G", "lr_D"]
@@ -351,7 +282,7 @@ def train(args):
             if main_rank and (done % args["sample_every"] == 0 or done == total):
                 with torch.no_grad():
                     fake = G(b["I_s"][:4], data.heatmaps(b["lm_t"][:4], args["size"], args["sigma"], args["window"]))
-                sample_grid(os.path.join(out, "samples", f"step_{done:06d}.png"), b, fake, args["size"])
+                evaluate.sample_grid(os.path.join(out, "samples", f"step_{done:06d}.png"), b, fake, args["size"])
             if done % args["ckpt_every"] == 0 or done == total:
                 checkpoint(done)
             if stop:
@@ -396,7 +327,7 @@ def matmul_peak(device, seconds=1.0):
 
 def bench_models(args, device, seed=0):
     torch.manual_seed(seed)
-    G = build_generator(args).to(device)
+    G = networks.build_generator(args).to(device)
     D = networks.Discriminator(ndf=args["ndf"]).to(device)
     vgg = networks.VGG19(losses.VGG_LAYERS).to(device)
     opts = torch.optim.Adam(G.parameters(), lr=LR_G, betas=BETAS), torch.optim.Adam(D.parameters(), lr=LR_D, betas=BETAS)
@@ -497,7 +428,7 @@ def ablation(args):
             out = os.path.join(root, name, f"seed{seed}")
             dirs.setdefault(name, []).append(out)
             ckpt = os.path.join(out, "ckpt.pt")
-            done = load_checkpoint(ckpt)["step"] if os.path.isfile(ckpt) else 0
+            done = networks.load_checkpoint(ckpt)["step"] if os.path.isfile(ckpt) else 0
             print(f"ablation {name} seed {seed} ({i * n_seeds + seed + 1}/{len(runs) * n_seeds}): "
                   + ("finished, skipped" if done >= total else f"training from step {done}"), flush=True)
             if done >= total:
@@ -511,166 +442,27 @@ def ablation(args):
     return report
 
 
-# ----------------------------------------------------------------------------- reenact (SECTION R)
+# ----------------------------------------------------------------------------- reenact
 # The paper needs the target *image* (its landmarks come from it); real use has only a driver's
 # landmarks. Here any landmark sequence drives a source face, frame by frame.
-REENACT_FRAMES = 100  # a synthetic driver's length: 4 s at 25 fps
 REENACT_FPS = 25
-
-
-def face_size(lm):
-    """The larger side of the landmarks' box: what THE crop scales with (data.crop_box), so a motion
-    divided by it is the same in raw-frame pixels, prepared-crop pixels or any resolution."""
-    return float(np.ptp(lm, 0).max())
-
-
-def retarget(src_lm, drv_lms, neutral=0):
-    """Relative retargeting, (68,2) + (T,68,2) -> (T,68,2), each in its own pixels: the source's own
-    landmarks moved by the driver's motion since its neutral frame, scaled by the ratio of face sizes.
-    The source keeps its face shape; absolute landmarks would squeeze a wide face into the driver's."""
-    motion = drv_lms - drv_lms[neutral]
-    return (src_lm + motion * (face_size(src_lm) / face_size(drv_lms[neutral]))).astype(np.float32)
-
-
-def to_crop(lm, box_lm, size, crop_scale):
-    """Points -> pixels of the crop that data.crop_face cuts around box_lm (the same affine)."""
-    x0, y0, side = data.crop_box(box_lm, crop_scale)
-    return ((lm + 0.5 - np.array([x0, y0])) * (size / side) - 0.5).astype(np.float32)
-
-
-def condition(src_uv, drv_lms, size, crop_scale, relative=True, neutral=0):
-    """The landmarks G gets, in the source crop's pixels. Relative: retarget (the crop is a similarity,
-    which commutes with it, so it runs on the source's crop landmarks). Absolute (the paper's setting):
-    every driver frame's landmarks in its own crop, as training presented every target."""
-    if relative:
-        return retarget(src_uv, drv_lms, neutral)
-    return np.stack([to_crop(lm, lm, size, crop_scale) for lm in drv_lms])
-
-
-def flicker(frames):
-    """Temporal change of a uint8 video (T,H,W,3): mean |frame t+1 - frame t| on the 0-255 scale, 0 when
-    static. The motion itself changes pixels too, so reenact reports flicker(generated) / flicker(a
-    reference doing the same motion): 1 = as steady as the real thing, above 1 = added flicker."""
-    f = np.asarray(frames, np.float32)
-    return float(np.abs(np.diff(f, axis=0)).mean()) if len(f) > 1 else 0.0
-
-
-def load_landmarks(path, n=None):
-    """A landmarks .npy: (T,68,2), x then y, 0-based pixels; the first n frames."""
-    try:
-        lms = np.load(path).astype(np.float32)
-    except (OSError, ValueError) as e:
-        raise data.DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-    if lms.ndim != 3 or lms.shape[1:] != (data.N_LANDMARKS, 2) or not len(lms) or not np.isfinite(lms).all():
-        raise data.DataError(f"{path}: landmarks of shape {lms.shape}, expected finite (T, {data.N_LANDMARKS}, 2)")
-    return lms[:n]
-
-
-def read_pts_folder(folder, n=None):
-    """Sorted .pts files. Numbered ones must not skip a number: every later frame would get the
-    landmarks of the frame after it."""
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".pts"))[:n]
-    if not files:
-        raise data.DataError(f"{folder}: no .pts files")
-    stems = [f[:-4] for f in files]
-    if all(s.isdigit() for s in stems):
-        gap = next((i for i, s in enumerate(stems) if int(s) != int(stems[0]) + i), None)
-        if gap is not None:
-            want = f"{int(stems[0]) + gap:0{len(stems[0])}d}.pts"
-            raise data.DataError(f"{os.path.join(folder, want)}: missing ({files[gap - 1]} is followed by "
-                                 f"{files[gap]})")
-    return np.stack([data.read_pts(os.path.join(folder, f)) for f in files])
-
-
-def synthetic(spec, ident, n):
-    """Identity `ident` of the built-in set (seed 0; its video ident+1, so 50 and up are test identities,
-    never trained on) and n frames of its talking motion, drawn for the set's video length so that
-    they are that video's first frames."""
-    if not ident.isdigit():
-        raise data.DataError(f"{spec}: expected synthetic:ID with an integer ID")
-    rng = np.random.default_rng([0, int(ident)])
-    return f"synthetic:{int(ident)}", data.random_identity(rng), data.talking_motion(rng, max(n, data.SYNTH_FRAMES))[:n]
-
-
-def load_driver(spec, n=None):
-    """DRIVER -> {"lms": (T,68,2) in its frames' pixels, "frames": iterable or None, "who": its person
-    (the source's too: absolute by default), "motion": a synthetic driver's (pose, expression)s}."""
-    if spec.startswith("synthetic:"):
-        who, identity, motion = synthetic(spec, spec.split(":")[1], n or REENACT_FRAMES)
-        frames, lms = zip(*(data.render_face(identity, p, e) for p, e in motion))
-        return {"lms": np.stack(lms), "frames": frames, "who": who, "motion": motion}
-    join, frames = lambda f: os.path.join(spec, f), None
-    if os.path.isfile(spec) and spec.endswith(".npy"):
-        lms = load_landmarks(spec, n)
-    elif not os.path.isdir(spec):
-        raise data.DataError(f"{spec}: no such driver (a video folder, landmarks .npy, folder of .pts or synthetic:ID)")
-    elif any(os.path.isfile(join(f)) for f in ("frames.npy", "landmarks.npy")):  # a prepared video
-        lms = load_landmarks(join("landmarks.npy"), n)
-        frames = np.load(join("frames.npy"), mmap_mode="r") if os.path.isfile(join("frames.npy")) else None
-    elif any(os.path.exists(join(f)) for f in ("vid.avi", "annot")):  # the 300VW layout
-        for f in ("annot", "vid.avi"):
-            if not os.path.exists(join(f)):
-                raise data.DataError(f"{join(f)}: missing (a 300VW-layout video is vid.avi + annot/*.pts)")
-        lms, frames = read_pts_folder(join("annot"), n), data.decode(join("vid.avi"))
-    else:
-        lms = read_pts_folder(spec, n)
-    return {"lms": lms, "frames": frames, "who": os.path.realpath(spec), "motion": None}
-
-
-def load_face(spec, pts=None):
-    """FACE -> {"image", "lm" (68,2) in its pixels, "who", "identity" (synthetic sources only)}."""
-    from PIL import Image
-    if spec.startswith("synthetic:"):
-        ident, t = (spec.split(":") + ["0"])[1:3]
-        if not t.isdigit():
-            raise data.DataError(f"{spec}: expected synthetic:ID:FRAME with an integer FRAME")
-        who, identity, motion = synthetic(spec, ident, int(t) + 1)
-        return dict(zip(("image", "lm"), data.render_face(identity, *motion[-1])), who=who, identity=identity)
-    if ":" in spec and not os.path.exists(spec):  # DIR:FRAME of a prepared or 300VW-layout video
-        import itertools
-        folder, t = spec.rsplit(":", 1)
-        drv = load_driver(folder, int(t) + 1) if t.isdigit() else {"lms": [], "frames": None}
-        image = None if drv["frames"] is None else next(itertools.islice(drv["frames"], int(t), None), None)
-        if image is None or len(drv["lms"]) <= int(t):
-            raise data.DataError(f"{spec}: no frame {t} with landmarks in {folder}")
-        return {"image": np.asarray(image), "lm": drv["lms"][int(t)], "who": drv["who"], "identity": None}
-    try:
-        image = np.asarray(Image.open(spec).convert("RGB"))
-    except OSError:  # missing, or not an image Pillow knows
-        raise data.DataError(f"{spec}: not a readable image") from None
-    pts = pts or os.path.splitext(spec)[0] + ".pts"
-    if not os.path.isfile(pts):
-        raise data.DataError(f"{pts}: missing (the source's 68 landmarks: a .pts beside the image, or --source-pts)")
-    return {"image": image, "lm": data.read_pts(pts), "who": os.path.realpath(spec), "identity": None}
-
-
-def write_video(path, frames, fps):
-    import imageio
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    if path.lower().endswith(".gif"):  # Pillow's GIF writer takes milliseconds per frame
-        imageio.v3.imwrite(path, frames, duration=1000 / fps, loop=0)
-        return
-    with imageio.v2.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                               ffmpeg_log_level="error") as video:
-        for f in frames:
-            video.append_data(f)
 
 
 def reenact(args):
     """The `reenact` command (args: its argparse Namespace). Returns a summary dict."""
     if os.path.splitext(args.out)[1].lower() not in (".mp4", ".gif"):
-        raise data.DataError(f"{args.out}: the output must be a .mp4 or .gif")
+        raise DataError(f"{args.out}: the output must be a .mp4 or .gif")
     if args.frames is not None and args.frames < 1:
-        raise data.DataError(f"--frames {args.frames}: at least 1 frame")
-    G, cfg = load_generator(args.ckpt, torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        raise DataError(f"--frames {args.frames}: at least 1 frame")
+    G, cfg = networks.load_generator(args.ckpt, torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     size, root, crop_scale = cfg["args"]["size"], cfg["args"].get("data"), data.CROP_SCALE
     if root and os.path.isfile(os.path.join(root, "prepare.json")):  # crop as the training set was cropped
         crop_scale = json.load(open(os.path.join(root, "prepare.json"))).get("crop_scale", crop_scale)
-    src, drv = load_face(args.source, args.source_pts), load_driver(args.driver, args.frames)
+    src, drv = data.load_face(args.source, args.source_pts), data.load_driver(args.driver, args.frames)
     relative = not args.absolute and (args.relative or src["who"] != drv["who"])
     lms, T = drv["lms"], len(drv["lms"])
     if not 0 <= args.neutral < T:
-        raise data.DataError(f"{args.driver}: --neutral {args.neutral} is not one of its {T} frames")
+        raise DataError(f"{args.driver}: --neutral {args.neutral} is not one of its {T} frames")
     # Relative mode frames the driver (and the truth) once, at the neutral frame, as the source is
     # framed once: the head moves in its crop as in the generated one. Absolute: each frame its own crop.
     box = lambda l, t: l[args.neutral] if relative else l[t]
@@ -682,8 +474,8 @@ def reenact(args):
         if len(panels) < T:
             print(f"note: {args.driver}: {len(panels)} frames for {T} landmark sets; using the first {len(panels)}")
             T = len(panels)
-    cond = condition(src_uv, lms, size, crop_scale, relative, args.neutral)[:T]
-    gen = generate(G, cfg, np.repeat(src_crop[None], T, 0), cond, label="reenact")
+    cond = data.condition(src_uv, lms, size, crop_scale, relative, args.neutral)[:T]
+    gen = networks.generate(G, cfg, np.repeat(src_crop[None], T, 0), cond, label="reenact")
     a = cfg["args"]
     seen = np.concatenate([data.to_uint8(data.heatmap_picture(torch.as_tensor(cond[i:i + 64]), size, a["sigma"], a["window"]))
                            for i in range(0, T, 64)])  # the landmarks G got, as a picture
@@ -695,16 +487,16 @@ def reenact(args):
         ref_name = "ground truth"
     video = np.concatenate(([np.stack(panels)] if panels else []) + [seen, gen], axis=2)
     video = video.repeat(args.zoom, 1).repeat(args.zoom, 2)
-    write_video(args.out, video, args.fps)
+    data.write_video(args.out, video, args.fps)
     if args.frames_dir:
         from PIL import Image
         os.makedirs(args.frames_dir, exist_ok=True)
         for t, f in enumerate(video):
             Image.fromarray(f).save(os.path.join(args.frames_dir, f"{t:05d}.png"))
     mode = "relative" if relative else "absolute"
-    out = {"out": args.out, "frames": T, "mode": mode, "flicker": flicker(gen)}
+    out = {"out": args.out, "frames": T, "mode": mode, "flicker": evaluate.flicker(gen)}
     if ref is not None:
-        out["flicker_ref"] = flicker(ref)
+        out["flicker_ref"] = evaluate.flicker(ref)
         out["flicker_ratio"] = out["flicker"] / out["flicker_ref"] if out["flicker_ref"] else math.nan
     print(f"wrote {args.out} ({T} frames, {mode} retargeting; panels: {'driver | ' if panels else ''}landmarks G "
           f"gets | generated)" + (f", PNGs in {args.frames_dir}/" if args.frames_dir else ""))
@@ -728,7 +520,7 @@ def add_reenact_options(p):
     mode.add_argument("--relative", action="store_true",
                       help="the source's landmarks moved by the driver's motion (default for different people)")
     p.add_argument("--neutral", type=int, default=0, help="driver frame whose expression is the source's (relative)")
-    p.add_argument("--frames", type=int, help=f"use the first N driver frames (synthetic: default {REENACT_FRAMES})")
+    p.add_argument("--frames", type=int, help=f"use the first N driver frames (synthetic: default {data.REENACT_FRAMES})")
     p.add_argument("--fps", type=float, default=REENACT_FPS)
     p.add_argument("--zoom", type=int, default=1, help="enlarge the panels K times (nearest neighbour)")
     p.add_argument("--frames-dir", help="also write every frame as a PNG into this folder")
@@ -839,7 +631,7 @@ def main(argv=None):
             bench(vars(args))
         elif args.verb == "reenact":
             reenact(args)
-    except (data.DataError, FloatingPointError) as e:
+    except (DataError, FloatingPointError) as e:
         fail(str(e))
 
 

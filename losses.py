@@ -9,6 +9,7 @@ weights assume): a sum would scale every term with the image size and make the w
 import torch
 import torch.nn.functional as F
 
+TERMS = ("adv", "pix", "self", "triple", "pp", "id")
 LAMBDAS = dict(adv=1.0, pix=10.0, self=100.0, triple=100.0, pp=10.0, id=1.0)
 # the paper's ablation groups: -pix, -consistency (self + triple), -perceptual & identity
 GROUPS = {"pix": ("pix",), "consistency": ("self", "triple"), "feature": ("pp", "id")}

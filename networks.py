@@ -1,5 +1,6 @@
 """The three networks: the U-Net generator G, the PatchGAN discriminator D, and a hand-built VGG-19
-whose activations feed the perceptual (L_pp) and identity (L_id) losses.
+whose activations feed the perceptual (L_pp) and identity (L_id) losses; and the model's life cycle:
+checkpoints (plain dicts), G rebuilt from one, batched generation.
 
 G(I_s, e_t) maps a source image and the target's 68 landmark heatmaps to the target image.
 D(I, e_t) says how real an image looks *given* the landmarks it should show.
@@ -12,13 +13,13 @@ import time
 import urllib.parse
 import urllib.request
 
+import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from data import DataError, progress
+import data
+from data import N_LANDMARKS, DataError, progress
 
-N_LANDMARKS = 68
 VGG_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
 VGG_FILE = "vgg19-dcbb9e9d.pth"
 VGG_TIMEOUT = 5  # seconds; these machines are offline and must give up at once, not hang
@@ -234,3 +235,57 @@ def load_vgg(layers, path=None, log=print, widths=VGG_WIDTHS):
         raise DataError(f"{path}: not a state dict (got {type(state).__name__})")
     vgg.load(state, path)
     return vgg, path
+
+
+# ----------------------------------------------------------------------------- the model's life cycle
+def save_checkpoint(path, ckpt):
+    """Atomic: a crash (or Ctrl-C) while writing never leaves a half checkpoint behind."""
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """A checkpoint is a plain dict of tensors and Python values, so weights_only=True loads it
+    without running any pickled code. Always onto the CPU: where it goes next is the caller's
+    choice, and a device problem must never read as a bad file."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no checkpoint there")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or not {"G", "args", "step"} <= set(ckpt):
+        raise DataError(f"{path}: not a facesynth checkpoint (missing G/args/step)")
+    return ckpt
+
+
+def build_generator(args):
+    return Generator(ngf=args["ngf"], n_down=args["n_down"])
+
+
+def load_generator(path, device="cpu"):
+    """G from a run folder or checkpoint file, in eval mode on `device`, and the run's config."""
+    ckpt = load_checkpoint(path)
+    G = build_generator(ckpt["args"])
+    G.load_state_dict(ckpt["G"])
+    cfg = {"args": ckpt["args"], "lambdas": ckpt["lambdas"], "vgg": ckpt["vgg"],
+           "params_G": count_params(G), "step": ckpt["step"]}
+    return G.to(device).eval(), cfg
+
+
+@torch.no_grad()
+def generate(G, cfg, src, lm, batch=32, label=None):
+    """Î = G(I_s; e) in batches: uint8 sources (N,S,S,3) and target landmarks (N,68,2) -> uint8 (N,S,S,3).
+    With a label, a progress line."""
+    a, dev, out, t0 = cfg["args"], next(G.parameters()).device, [], time.time()
+    if src.shape[1] != a["size"]:
+        raise DataError(f"the images are {src.shape[1]} px, the run was trained at {a['size']} px")
+    for i in range(0, len(src), batch):
+        e = data.heatmaps(torch.as_tensor(np.asarray(lm[i:i + batch]), device=dev), a["size"], a["sigma"], a["window"])
+        out.append(data.to_uint8(G(data.to_tensor(np.asarray(src[i:i + batch])).to(dev), e)))
+        if label:
+            progress(label, i + len(e), len(src), t0)
+    return np.concatenate(out)

@@ -534,12 +534,12 @@ def test_training_writes_outputs_and_lowers_pixel_loss(blobs, tmp_path):
               "--lr-g", "2e-3")
     rows = read_log(out)
     assert [int(r["step"]) for r in rows] == [10, 20, 30, 40]
-    assert all(r[f"L_{t}"] for r in rows for t in facesynth.TERMS)
+    assert all(r[f"L_{t}"] for r in rows for t in losses.TERMS)
     assert float(rows[-1]["L_pix"]) < 0.5 * float(rows[0]["L_pix"])
     assert sorted(os.listdir(os.path.join(out, "samples"))) == ["step_000020.png", "step_000040.png"]
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["vgg"] == "random" and cfg["lambdas"] == losses.LAMBDAS
-    G, cfg2 = facesynth.load_generator(out)
+    G, cfg2 = networks.load_generator(out)
     assert cfg2["step"] == 40 and not G.training
 
 
@@ -552,7 +552,7 @@ def test_resume_reproduces_uninterrupted_run(blobs, tmp_path):
     ra, rb = read_log(a), read_log(b)
     assert [r["step"] for r in rb] == [str(s) for s in range(1, 7)]
     for x, y in zip(ra[3:], rb[3:]):
-        for t in facesynth.TERMS:
+        for t in losses.TERMS:
             assert float(x[f"L_{t}"]) == pytest.approx(float(y[f"L_{t}"]), rel=1e-4, abs=1e-6)
     ga, gb = torch.load(os.path.join(a, "ckpt.pt"))["G"], torch.load(os.path.join(b, "ckpt.pt"))["G"]
     assert all(torch.allclose(ga[k], gb[k], atol=1e-6) for k in ga)
@@ -575,7 +575,7 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "ckpt.pt: not a readable checkpoint" in err and "Traceback" not in err
     with pytest.raises(data.DataError, match="no checkpoint there"):
-        facesynth.load_checkpoint(str(tmp_path / "missing"))
+        networks.load_checkpoint(str(tmp_path / "missing"))
 
 
 def test_nan_stops_the_run_and_keeps_last_good_checkpoint(blobs, tmp_path, monkeypatch, capsys):
@@ -643,7 +643,7 @@ def test_two_process_gloo_training_keeps_ranks_identical(blobs, tmp_path):
 # ================================================================================================
 # evaluation: PNG, viridis, metrics, figures, report
 # ================================================================================================
-TERMS = facesynth.TERMS
+TERMS = losses.TERMS
 
 
 def make_dataset(root, n_videos=3, n_frames=6, seed=0):
@@ -890,7 +890,7 @@ def ckpt(tmp_path_factory):
     """An untrained tiny generator at 32 px: reenact's plumbing does not care what G has learnt."""
     torch.manual_seed(0)
     path = str(tmp_path_factory.mktemp("run") / "ckpt.pt")
-    facesynth.save_checkpoint(path, {"G": networks.Generator(ngf=4).state_dict(), "step": 0, "vgg": "random",
+    networks.save_checkpoint(path, {"G": networks.Generator(ngf=4).state_dict(), "step": 0, "vgg": "random",
                                      "args": {"ngf": 4, "n_down": 4, "size": SIZE, "sigma": 1.0, "window": 7, "data": None},
                                      "lambdas": losses.LAMBDAS})
     return path
@@ -918,48 +918,48 @@ def cli_error(capsys, *argv):
 def test_retarget_static_driver_keeps_the_source():
     src = face(0)[2][0][1]
     drv = np.repeat(face(1)[2][0][1][None], 5, 0)
-    np.testing.assert_allclose(facesynth.retarget(src, drv), np.repeat(src[None], 5, 0), atol=1e-5)
+    np.testing.assert_allclose(data.retarget(src, drv), np.repeat(src[None], 5, 0), atol=1e-5)
 
 
 def test_retarget_translation_is_scaled_by_face_size():
     src = face(0)[2][0][1]
     base = src * 0.5 + 7  # the driver's face: half the source's size, elsewhere in its frame
     shift = np.arange(4, dtype=np.float32)[:, None, None] * np.float32([3, -2])
-    out = facesynth.retarget(src, base + shift, neutral=0)
+    out = data.retarget(src, base + shift, neutral=0)
     np.testing.assert_allclose(out, src + 2 * shift, atol=1e-4)
     # another neutral frame: the motion is measured from there
-    np.testing.assert_allclose(facesynth.retarget(src, base + shift, neutral=2)[2], src, atol=1e-4)
+    np.testing.assert_allclose(data.retarget(src, base + shift, neutral=2)[2], src, atol=1e-4)
 
 
 def test_to_crop_is_crop_face_and_absolute_returns_the_driver():
     frames = face(2)[2]
     for img, lm in frames:
-        np.testing.assert_allclose(facesynth.to_crop(lm, lm, SIZE, 1.8), data.crop_face(img, lm, SIZE, 1.8)[1], atol=1e-4)
+        np.testing.assert_allclose(data.to_crop(lm, lm, SIZE, 1.8), data.crop_face(img, lm, SIZE, 1.8)[1], atol=1e-4)
     drv = np.stack([data.crop_face(img, lm, SIZE, 1.8)[1] for img, lm in frames])  # as a prepared video has them
     src_uv = data.crop_face(*face(3)[2][0], SIZE, 1.8)[1]
-    np.testing.assert_allclose(facesynth.condition(src_uv, drv, SIZE, 1.8, relative=False), drv, atol=1e-4)
-    assert not np.allclose(facesynth.condition(src_uv, drv, SIZE, 1.8, relative=True), drv, atol=0.5)
+    np.testing.assert_allclose(data.condition(src_uv, drv, SIZE, 1.8, relative=False), drv, atol=1e-4)
+    assert not np.allclose(data.condition(src_uv, drv, SIZE, 1.8, relative=True), drv, atol=0.5)
 
 
 def test_relative_recovers_the_source_doing_the_drivers_motion():
     """Synthetic truth: identity A rendered with B's motion. With A's source frame in B's neutral pose,
     retargeting B's landmarks lands on A's own (fixed crop), far closer than B's absolute ones do."""
-    _, A, _ = facesynth.synthetic("s", "60", 1)
-    _, B, motion = facesynth.synthetic("s", "61", 30)
+    _, A, _ = data.synthetic("s", "60", 1)
+    _, B, motion = data.synthetic("s", "61", 30)
     drv = np.stack([data.render_face(B, p, e)[1] for p, e in motion])
     truth = np.stack([data.render_face(A, p, e)[1] for p, e in motion])
-    src_uv = facesynth.to_crop(truth[0], truth[0], 64, 1.8)
+    src_uv = data.to_crop(truth[0], truth[0], 64, 1.8)
     err = lambda x, y: np.linalg.norm(x - y, axis=-1).mean()
-    rel = err(facesynth.condition(src_uv, drv, 64, 1.8), [facesynth.to_crop(t, truth[0], 64, 1.8) for t in truth])
-    ab = err(facesynth.condition(src_uv, drv, 64, 1.8, relative=False), [facesynth.to_crop(t, t, 64, 1.8) for t in truth])
+    rel = err(data.condition(src_uv, drv, 64, 1.8), [data.to_crop(t, truth[0], 64, 1.8) for t in truth])
+    ab = err(data.condition(src_uv, drv, 64, 1.8, relative=False), [data.to_crop(t, t, 64, 1.8) for t in truth])
     assert rel < 0.3 and rel < ab / 3
 
 
 def test_flicker():
     static = np.full((6, 16, 16, 3), 100, np.uint8)
-    assert facesynth.flicker(static) == 0.0
+    assert evaluate.flicker(static) == 0.0
     rng = np.random.default_rng(0)
-    noisy = [facesynth.flicker(np.clip(static + rng.normal(0, s, static.shape), 0, 255).astype(np.uint8))
+    noisy = [evaluate.flicker(np.clip(static + rng.normal(0, s, static.shape), 0, 255).astype(np.uint8))
              for s in (1, 4, 16)]
     assert 0 < noisy[0] < noisy[1] < noisy[2]
 
