@@ -5,9 +5,11 @@ A prepared dataset is a folder of videos, each `NNN/frames.npy` (uint8, T x S x 
 `NNN/landmarks.npy` (float32, T x 68 x 2, x then y, 0-based crop pixels), plus `split.json`.
 Raw 300VW and the synthetic generator both end up there through one `prepare` path.
 """
+import argparse
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -36,9 +38,38 @@ class DataError(ValueError):
 
 def fail(msg):
     """A user-facing error: one line on stderr, exit status 2, no traceback."""
-    import sys
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse with every option's default in --help, and its usage errors as the same one line
+    `error: ...` as every other error."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, formatter_class=argparse.RawDescriptionHelpFormatter, **k)
+
+    def add_argument(self, *a, **k):
+        if a[0].startswith("-") and k.get("default") not in (None, False, argparse.SUPPRESS) and "default" not in k.get("help", ""):
+            k["help"] = (k.get("help", "") + " (default: %(default)s)").strip()  # read when --help prints
+        return super().add_argument(*a, **k)
+
+    def error(self, message):
+        fail(message)
+
+
+def number(kind=int, low=1):
+    """An argparse type: `kind` (int or float) of at least `low` (above it for a float low of 0)."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' * (kind is int)}number") from None
+        if not (v > low if kind is float and low == 0 else v >= low) or not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be "
+                                             f"{'above' if kind is float and low == 0 else 'at least'} {low}")
+        return v
+    return parse
 
 
 def progress(label, done, total, t0, unit="frames", extra=""):
@@ -529,6 +560,21 @@ def ensure_synthetic(cache=SYNTH_CACHE, seed=0, n_frames=SYNTH_FRAMES, log=print
 # 1 px at the working size, peak exactly 1 at the landmark; both are options.
 SIGMA = 1.0
 WINDOW = 7
+
+
+def read_prepared(root):
+    """prepare.json of a prepared dataset; a raw or missing folder is an error that says what to run."""
+    meta = os.path.join(root, "prepare.json")
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: no such folder (--data takes a prepared dataset: facesynth.py prepare SRC {root})")
+    if not os.path.isfile(meta):
+        raise DataError(f"{meta}: missing, so {root} is not a prepared dataset; prepare it first: "
+                        f"python facesynth.py prepare {root} OUT, then --data OUT")
+    try:
+        with open(meta) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{meta}: cannot read ({e}); prepare the dataset again") from None
 
 
 def load_videos(root, split):

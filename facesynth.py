@@ -44,7 +44,9 @@ EPOCHS, TRIPLETS_PER_EPOCH, BATCH_SIZE = 6, 9500, 16
 NGF, N_DOWN, NDF = 64, 4, 32
 LOG_EVERY, SAMPLE_EVERY, CKPT_EVERY = 50, 500, 500
 CACHE = os.path.join("data", "synthetic")
-RESUMABLE = {"steps", "epochs", "device", "log_every", "sample_every", "ckpt_every", "compile", "out"}
+# what --resume may change: the schedule (sticks from then on), and this session's own settings
+SCHEDULE = {"steps", "epochs", "out"}
+SESSION = {"device", "log_every", "sample_every", "ckpt_every", "compile"}
 
 
 # ----------------------------------------------------------------------------- the step
@@ -161,31 +163,30 @@ def setup_distributed(device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def pick_device(name):
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    print("note: no CUDA device, training on the CPU")
-    return torch.device("cpu")
+def resumed(args):
+    """--resume -> (this session's options, the run's options to save, the checkpoint). The run keeps
+    its saved options; a schedule option typed now (--steps, --epochs, --out) changes the run, a session
+    option typed now (--device, --log-every, ...) only this session. A changed model or data option is
+    an error: the weights would no longer mean what the options say."""
+    ckpt, given = networks.load_checkpoint(args["resume"]), args["_given"]
+    saved = ckpt["args"]
+    changed = sorted(k for k in given - SESSION - SCHEDULE - {"resume"} if args[k] != saved.get(k))
+    if changed:
+        raise DataError(f"{args['resume']}: cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} "
+                        "when resuming; start a new run with another --out instead")
+    run = {**saved, **{k: args[k] for k in given & SCHEDULE}, "resume": args["resume"]}
+    if "out" not in given:
+        run["out"] = args["resume"] if os.path.isdir(args["resume"]) else os.path.dirname(args["resume"])
+    return {**run, **{k: args[k] for k in given & SESSION}}, run, ckpt
 
 
 def train(args):
     """The paper's training run. args: a dict of the command-line options (see main())."""
-    resume = args.get("resume")
-    ckpt = None
-    if resume:
-        ckpt = networks.load_checkpoint(resume)
-        saved, given = ckpt["args"], args.pop("_given")
-        changed = sorted(k for k in given - RESUMABLE - {"resume"} if args[k] != saved.get(k))
-        if changed:
-            raise DataError(f"{resume}: cannot change {', '.join(changed)} when resuming")
-        args = {**saved, **{k: args[k] for k in given & RESUMABLE}, "resume": resume}
-        if "out" not in given:
-            args["out"] = resume if os.path.isdir(resume) else os.path.dirname(resume)
-    args.pop("_given", None)
-    device = pick_device(args["device"])
-    rank, world, device = setup_distributed(device)
+    ckpt, run = None, args
+    if args.get("resume"):
+        args, run, ckpt = resumed(args)
+    run.pop("_given", None), args.pop("_given", None)
+    rank, world, device = setup_distributed(networks.pick_device(args["device"]))
     main_rank = rank == 0
     log = print if main_rank else (lambda *a, **k: None)
     torch.manual_seed(args["seed"] + rank)
@@ -196,8 +197,7 @@ def train(args):
             box = [args["data"]]
             dist.broadcast_object_list(box)
             args["data"] = box[0]
-    with open(os.path.join(args["data"], "prepare.json")) as f:
-        args["size"] = json.load(f)["size"]
+    args["size"] = data.read_prepared(args["data"])["size"]
     videos = data.load_videos(args["data"], "train")
     lam = losses.lambdas({t: args[f"lambda_{t}"] for t in TERMS if args[f"lambda_{t}"] is not None}, args["ablate"])
 
@@ -210,11 +210,11 @@ def train(args):
         G, D, vgg = (m.to(memory_format=torch.channels_last) for m in (G, D, vgg))
     opt_G = torch.optim.Adam(G.parameters(), lr=args["lr_g"], betas=BETAS)
     opt_D = torch.optim.Adam(D.parameters(), lr=args["lr_d"], betas=BETAS)
-    start = 0
+    start, elapsed = 0, 0.0
     if ckpt:
         G.load_state_dict(ckpt["G"]), D.load_state_dict(ckpt["D"])
         opt_G.load_state_dict(ckpt["opt_G"]), opt_D.load_state_dict(ckpt["opt_D"])
-        start = ckpt["step"]
+        start, elapsed = ckpt["step"], ckpt.get("time", 0.0)
     G_run, D_run = G, D
     if world > 1:
         G_run = torch.nn.parallel.DistributedDataParallel(G, device_ids=[device] if device.type == "cuda" else None)
@@ -224,7 +224,10 @@ def train(args):
 
     per_epoch = steps_per_epoch(args, world)
     total = args["steps"] or args["epochs"] * per_epoch
-    out = args["out"]
+    out, ckpt_path = args["out"], os.path.join(args["out"], "ckpt.pt")
+    if start >= total:
+        log(f"{ckpt_path} is at step {start} of {total}: nothing to do (a larger --steps or --epochs trains on)")
+        return out
     cfg = {"args": args, "lambdas": lam, "vgg": vgg_source, "params_G": networks.count_params(G),
            "params_D": networks.count_params(D), "world_size": world, "device": str(device)}
     if main_rank:
@@ -235,12 +238,6 @@ def train(args):
         f"{len(videos)} train videos, {total} steps of {args['batch_size'] * world} triplets "
         f"({per_epoch} steps/epoch) on {device}" + (f" x{world}" if world > 1 else "") + f", from step {start}")
 
-    def checkpoint(step):
-        if main_rank:
-            networks.save_checkpoint(os.path.join(out, "ckpt.pt"), {
-                "G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
-                "step": step, "args": args, "lambdas": lam, "vgg": vgg_source})
-
     log_path = os.path.join(out, "log.csv")
     fields = ["step", "epoch", "time", "triplets_per_s"] + [f"L_{t}" for t in TERMS] + ["L_G", "L_D", "lr_G", "lr_D"]
     if main_rank:  # a fresh log, or on resume the rows up to the checkpoint (later ones are redone)
@@ -250,45 +247,67 @@ def train(args):
                 kept = [r for r in csv.reader(f) if r and r[0] != "step" and int(r[0]) <= start]
         with open(log_path, "w", newline="") as f:
             csv.writer(f).writerows([fields] + kept)
-    bad = torch.zeros((), dtype=torch.bool, device=device)  # NaN/inf seen: checked at log time, no sync per step
-    t0, t_last, step_last, done = time.time(), time.time(), start, start
+
+    saved = start  # the step that ckpt.pt holds
+
+    def checkpoint(step):
+        nonlocal saved
+        if main_rank:
+            networks.save_checkpoint(ckpt_path, {
+                "G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
+                "step": step, "time": elapsed + time.time() - t0, "args": run, "lambdas": lam, "vgg": vgg_source})
+        saved = step
+
+    def check_finite(step):  # one host sync, only when a log line or a checkpoint needs it
+        if bad.item():
+            where = f"{ckpt_path} keeps step {saved}" if saved else "no checkpoint was written"
+            raise FloatingPointError(f"loss became NaN/inf by step {step}; stopped ({where})")
+
+    stop = []  # Ctrl-C once: finish the step in flight, save, exit. Twice: exit now, ckpt.pt untouched
+
+    def on_ctrl_c(*_):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(1)
+        log("\nCtrl-C: saving after this step (Ctrl-C again to quit without saving)", flush=True)
+
+    bad = torch.zeros((), dtype=torch.bool, device=device)  # NaN/inf seen, checked without a sync per step
     cfg_step = {"size": args["size"], "sigma": args["sigma"], "window": args["window"]}
-    stop = []  # Ctrl-C finishes the step in flight, then checkpoints: never a half-updated state
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.append(1) if not stop else signal.default_int_handler())
+    t0 = t_line = time.time()
+    done = step_line = start
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         for step, b in batches(videos, args, start, total, rank, world, device):
             measure = (step + 1) % args["log_every"] == 0 or step + 1 == total
             terms = train_step(G_run, D_run, vgg, opt_G, opt_D, b, lam, measure, cfg_step, amp=device.type == "cuda")
             bad |= ~torch.isfinite(terms["G"] + terms["D"])
             done = step + 1
-            if measure or done % args["ckpt_every"] == 0:
-                if bad.item():
-                    raise FloatingPointError(f"loss became NaN/inf by step {done}; stopped, "
-                                             f"{os.path.join(out, 'ckpt.pt')} keeps the last good state")
-            if measure and main_rank:
-                now = time.time()
-                rate = (done - step_last) * args["batch_size"] * world / (now - t_last)
-                t_last, step_last = now, done
+            now = time.time()
+            # a line at every log step, and on the first step and every 30 s so a slow run is never silent
+            if main_rank and (measure or done == start + 1 or now - t_line > 30):
+                check_finite(done)
+                rate = (done - step_line) * args["batch_size"] * world / (now - t_line)
+                t_line, step_line = now, done
                 vals = {k: v.item() for k, v in terms.items()}
-                row = [done, f"{done / per_epoch:.3f}", f"{now - t0:.1f}", f"{rate:.2f}"]
-                row += [f"{vals[t]:.5g}" if t in vals else "" for t in TERMS]
-                row += [f"{vals['G']:.5g}", f"{vals['D']:.5g}", args["lr_g"], args["lr_d"]]
-                with open(log_path, "a", newline="") as f:
-                    csv.writer(f).writerow(row)
+                if measure:
+                    row = [done, f"{done / per_epoch:.3f}", f"{elapsed + now - t0:.1f}", f"{rate:.2f}"]
+                    row += [f"{vals[t]:.5g}" if t in vals else "" for t in TERMS]
+                    row += [f"{vals['G']:.5g}", f"{vals['D']:.5g}", args["lr_g"], args["lr_d"]]
+                    with open(log_path, "a", newline="") as f:
+                        csv.writer(f).writerow(row)
                 eta = (total - done) * args["batch_size"] * world / max(rate, 1e-9)
                 print(f"step {done}/{total} epoch {done / per_epoch:.2f} {rate:.1f} triplets/s "
                       f"ETA {eta // 60:.0f}m{eta % 60:02.0f}s | " +
                       " ".join(f"{t} {vals[t]:.4f}" for t in TERMS if t in vals) + f" | D {vals['D']:.4f}", flush=True)
-            if main_rank and (done % args["sample_every"] == 0 or done == total):
-                with torch.no_grad():
+            if main_rank and (done == start + 1 or done % args["sample_every"] == 0 or done == total):
+                with torch.no_grad():  # the first one early: a glance that the pipeline draws faces at all
                     fake = G(b["I_s"][:4], data.heatmaps(b["lm_t"][:4], args["size"], args["sigma"], args["window"]))
                 evaluate.sample_grid(os.path.join(out, "samples", f"step_{done:06d}.png"), b, fake, args["size"])
-            if done % args["ckpt_every"] == 0 or done == total:
+            if stop or done % args["ckpt_every"] == 0 or done == total:
+                check_finite(done)
                 checkpoint(done)
             if stop:
-                if not bad.item():
-                    checkpoint(done)
-                log(f"\ninterrupted: checkpoint at step {done} in {out}/ckpt.pt; continue with --resume {out}")
+                log(f"interrupted: checkpoint at step {done} in {ckpt_path}; continue with --resume {out}")
                 raise SystemExit(130)
         if world > 1:  # DDP's promise, checked: every rank ends with the same weights
             sums = torch.stack([sum(p.double().sum() for p in m.parameters()) for m in (G, D)]).to(device)
@@ -298,6 +317,10 @@ def train(args):
             log(f"{world} ranks identical: {same}")
             if not same:
                 raise FloatingPointError("ranks drifted apart: their weights differ")
+    except KeyboardInterrupt:
+        where = f"{ckpt_path} keeps step {saved}" if saved else "no checkpoint was written"
+        log(f"\ninterrupted twice: stopped at once without saving; {where}")
+        raise SystemExit(130) from None
     finally:
         signal.signal(signal.SIGINT, previous)
         if world > 1:
@@ -357,7 +380,7 @@ def bench(args):
     """Time full training steps (G, D, all six terms, both optimiser steps) on random tensors."""
     import resource
     from torch.utils.flop_counter import FlopCounterMode
-    device = pick_device(args["device"])
+    device = networks.pick_device(args["device"])
     B, S = args["batch_size"], args["size"]
     G, D, vgg, (opt_G, opt_D) = bench_models(args, device)
     if device.type == "cuda":
@@ -529,34 +552,35 @@ def add_reenact_options(p):
 
 # ----------------------------------------------------------------------------- command line
 def add_train_options(p):
+    pos, nonneg, above0 = data.number(), data.number(int, 0), data.number(float, 0)
     p.add_argument("--data", help="prepared dataset (default: the built-in synthetic set, made once in data/synthetic/)")
-    p.add_argument("--out", default=os.path.join("runs", "default"), help="run folder (default runs/default)")
+    p.add_argument("--out", default=os.path.join("runs", "default"), help="run folder")
     p.add_argument("--resume", help="run folder or checkpoint to continue from")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="triplets per step (per process)")
-    p.add_argument("--epochs", type=int, default=EPOCHS)
-    p.add_argument("--triplets-per-epoch", type=int, default=TRIPLETS_PER_EPOCH)
-    p.add_argument("--steps", type=int, help="total steps (overrides --epochs)")
-    p.add_argument("--lr-g", type=float, default=LR_G)
-    p.add_argument("--lr-d", type=float, default=LR_D)
-    p.add_argument("--ngf", type=int, default=NGF, help="G width (pix2pix: 64)")
-    p.add_argument("--n-down", type=int, default=N_DOWN, help="G down-sampling blocks (paper: 4)")
-    p.add_argument("--ndf", type=int, default=NDF, help="D width (paper: 32)")
-    p.add_argument("--sigma", type=float, default=data.SIGMA, help="heatmap Gaussian sigma in pixels")
-    p.add_argument("--window", type=int, default=data.WINDOW, help="heatmap window in pixels")
-    p.add_argument("--max-gap", type=int, help="max frames between a triplet's ends (default: whole video)")
+    p.add_argument("--batch-size", type=pos, default=BATCH_SIZE, help="triplets per step (per process)")
+    p.add_argument("--epochs", type=pos, default=EPOCHS)
+    p.add_argument("--triplets-per-epoch", type=pos, default=TRIPLETS_PER_EPOCH)
+    p.add_argument("--steps", type=pos, help="total steps, instead of --epochs (a short run: --steps 200)")
+    p.add_argument("--lr-g", type=above0, default=LR_G)
+    p.add_argument("--lr-d", type=above0, default=LR_D)
+    p.add_argument("--ngf", type=pos, default=NGF, help="G width (pix2pix: 64)")
+    p.add_argument("--n-down", type=pos, default=N_DOWN, help="G down-sampling blocks (paper: 4)")
+    p.add_argument("--ndf", type=pos, default=NDF, help="D width (paper: 32)")
+    p.add_argument("--sigma", type=above0, default=data.SIGMA, help="heatmap Gaussian sigma in pixels")
+    p.add_argument("--window", type=pos, default=data.WINDOW, help="heatmap window in pixels")
+    p.add_argument("--max-gap", type=data.number(int, 2), help="max frames between a triplet's ends (default: whole video)")
     for t in TERMS:
-        p.add_argument(f"--lambda-{t}", type=float, help=f"weight of L_{t} (default {losses.LAMBDAS[t]:g})")
+        p.add_argument(f"--lambda-{t}", type=data.number(float, 0.0), help=f"weight of L_{t} (paper: {losses.LAMBDAS[t]:g})")
     p.add_argument("--ablate", action="append", default=[], choices=sorted(losses.GROUPS),
                    help="switch off a group of terms (repeatable): pix, consistency (self+triple), feature (pp+id)")
     p.add_argument("--vgg", help="torchvision VGG-19 state dict (vgg19-dcbb9e9d.pth), or 'random' to skip the lookup")
-    p.add_argument("--vgg-widths", type=int, nargs=5, metavar="C",
+    p.add_argument("--vgg-widths", type=pos, nargs=5, metavar="C",
                    help="narrower VGG block widths for smoke tests (random features only, no --vgg)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the generator")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=LOG_EVERY)
-    p.add_argument("--sample-every", type=int, default=SAMPLE_EVERY)
-    p.add_argument("--ckpt-every", type=int, default=CKPT_EVERY)
+    p.add_argument("--seed", type=nonneg, default=0)
+    p.add_argument("--log-every", type=pos, default=LOG_EVERY, help="steps between log.csv rows")
+    p.add_argument("--sample-every", type=pos, default=SAMPLE_EVERY, help="steps between sample grids")
+    p.add_argument("--ckpt-every", type=pos, default=CKPT_EVERY, help="steps between checkpoints")
 
 
 def given_options(parser, argv):
@@ -570,66 +594,64 @@ def given_options(parser, argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pos = data.number()
+    parser = data.ArgParser(description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
-    p_train = sub.add_parser("train", help="train G and D (the paper's run)")
+    p_train = sub.add_parser("train", help="train G and D (the paper's run)", description=train.__doc__)
     add_train_options(p_train)
     p = sub.add_parser("prepare", help="a 300VW-layout folder -> a prepared dataset")
     p.add_argument("src"), p.add_argument("out")
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--crop-scale", type=float, default=data.CROP_SCALE, help="crop side / landmark box side")
+    p.add_argument("--size", type=data.number(int, 16), default=64, help="crop side in pixels")
+    p.add_argument("--crop-scale", type=data.number(float, 0), default=data.CROP_SCALE, help="crop side / landmark box side")
     p.add_argument("--split-file", help="JSON {split: [video names]} instead of the official 300VW split")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=pos, default=2)
     p = sub.add_parser("synth", help="write the synthetic talking-head videos in 300VW layout")
     p.add_argument("out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--videos", type=int, nargs=4, default=[50, 31, 19, 14], metavar=("TRAIN", "T1", "T2", "T3"))
-    p.add_argument("--frames", type=int, help="frames per video (default: data.synth's)")
-    p.add_argument("--size", type=int, help="frame size in pixels (default: data.synth's)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=data.number(int, 0), default=0)
+    p.add_argument("--videos", type=data.number(int, 0), nargs=4, default=list(data.SYNTH_VIDEOS),
+                   metavar=("TRAIN", "T1", "T2", "T3"))
+    p.add_argument("--frames", type=data.number(int, 3), default=data.SYNTH_FRAMES, help="frames per video")
+    p.add_argument("--size", type=data.number(int, 16), default=data.SYNTH_SIZE, help="frame size in pixels (even)")
+    p.add_argument("--workers", type=pos, default=2)
     p = sub.add_parser("ablation", help="the paper's loss ablations over seeds, then REPORT.md")
     add_train_options(p)
     p.set_defaults(out=os.path.join("runs", "ablation"))
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=pos, default=3)
     p.add_argument("--single", action="store_true", help="also the six single-term ablations")
     p.add_argument("--split", help="test split to evaluate (default: the first with videos)")
     p = sub.add_parser("bench", help="time full training steps against the device's matmul peak")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--ngf", type=int, default=NGF)
-    p.add_argument("--n-down", type=int, default=N_DOWN)
-    p.add_argument("--ndf", type=int, default=NDF)
+    p.add_argument("--batch-size", type=pos, default=BATCH_SIZE)
+    p.add_argument("--steps", type=pos, default=10, help="timed steps")
+    p.add_argument("--warmup", type=data.number(int, 0), default=2)
+    p.add_argument("--size", type=data.number(int, 16), default=64)
+    p.add_argument("--ngf", type=pos, default=NGF)
+    p.add_argument("--n-down", type=pos, default=N_DOWN)
+    p.add_argument("--ndf", type=pos, default=NDF)
     p.add_argument("--compile", action="store_true")
     add_reenact_options(sub.add_parser("reenact", help="drive a face with another video's landmarks"))
     args = parser.parse_args(argv)
+    a = vars(args)
+    verb = a.pop("verb")
     try:
-        if args.verb == "train":
-            a = vars(args)
-            a.pop("verb")
-            a["_given"] = given_options(p_train, argv[1:])
-            train(a)
-        elif args.verb == "prepare":
+        if verb == "train":
+            train({**a, "_given": given_options(p_train, argv[1:])})
+        elif verb == "prepare":
             summary = data.prepare(args.src, args.out, size=args.size, crop_scale=args.crop_scale,
                                    workers=args.workers, split_file=args.split_file)
             if summary["prepared"] + summary["existing"] == 0:
                 fail(f"{args.src}: no video could be prepared")
             print(f"prepared dataset in {args.out}/")
-        elif args.verb == "synth":
-            sizes = {k: v for k, v in (("n_frames", args.frames), ("size", args.size)) if v is not None}
-            data.synth(args.out, n_videos=tuple(args.videos), seed=args.seed, workers=args.workers, **sizes)
+        elif verb == "synth":
+            data.synth(args.out, tuple(args.videos), args.frames, args.size, args.seed, args.workers)
             print(f"synthetic videos in {args.out}/ (prepare them with: facesynth.py prepare {args.out} OUT)")
-        elif args.verb == "ablation":
-            a = vars(args)
-            a.pop("verb")
+        elif verb == "ablation":
             if a.pop("resume") or a["ablate"]:
-                fail("ablation chooses --ablate itself and resumes unfinished runs on its own")
+                fail("--resume/--ablate: ablation chooses --ablate itself and resumes unfinished runs on its own")
             ablation(a)
-        elif args.verb == "bench":
-            bench(vars(args))
-        elif args.verb == "reenact":
+        elif verb == "bench":
+            bench(a)
+        elif verb == "reenact":
             reenact(args)
     except (DataError, FloatingPointError) as e:
         fail(str(e))

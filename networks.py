@@ -35,6 +35,28 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def pick_device(name=None, log=print):
+    """--device as a torch.device, checked here so that a missing GPU is one line, not a traceback
+    from deep inside the first CUDA call. None: CUDA when there is one."""
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        log("note: no CUDA device, running on the CPU")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DataError(f"--device {name}: not a device; use cpu or cuda (cuda:N for the N-th GPU)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: this machine has no usable CUDA GPU (torch {torch.__version__}); "
+                        "use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise DataError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DataError(f"--device {name}: there are only {torch.cuda.device_count()} GPUs")
+    return device
+
+
 def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
@@ -239,10 +261,27 @@ def load_vgg(layers, path=None, log=print, widths=VGG_WIDTHS):
 
 # ----------------------------------------------------------------------------- the model's life cycle
 def save_checkpoint(path, ckpt):
-    """Atomic: a crash (or Ctrl-C) while writing never leaves a half checkpoint behind."""
+    """Write to a temporary file, fsync it, then rename it over the old checkpoint: a full disk, a
+    crash or a Ctrl-C while writing leaves the previous checkpoint as it was, and no temporary file."""
     tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise DataError(f"{path}: cannot write the checkpoint ({e.strerror or e}); the previous one "
+                            f"is kept as it was") from None
+        raise
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)  # the rename itself, on disk
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def load_checkpoint(path):

@@ -536,7 +536,7 @@ def test_training_writes_outputs_and_lowers_pixel_loss(blobs, tmp_path):
     assert [int(r["step"]) for r in rows] == [10, 20, 30, 40]
     assert all(r[f"L_{t}"] for r in rows for t in losses.TERMS)
     assert float(rows[-1]["L_pix"]) < 0.5 * float(rows[0]["L_pix"])
-    assert sorted(os.listdir(os.path.join(out, "samples"))) == ["step_000020.png", "step_000040.png"]
+    assert sorted(os.listdir(os.path.join(out, "samples"))) == ["step_000001.png", "step_000020.png", "step_000040.png"]
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["vgg"] == "random" and cfg["lambdas"] == losses.LAMBDAS
     G, cfg2 = networks.load_generator(out)
@@ -563,7 +563,7 @@ def test_resume_refuses_changed_model(blobs, tmp_path, capsys):
     run_train("--data", blobs, "--out", out, "--steps", "2")
     with pytest.raises(SystemExit) as e:
         facesynth.main(["train", "--resume", out, "--ngf", "16"])
-    assert e.value.code == 2 and "cannot change ngf" in capsys.readouterr().err
+    assert e.value.code == 2 and "cannot change --ngf when resuming" in capsys.readouterr().err
 
 
 def test_corrupted_checkpoint_is_a_clear_error(tmp_path, capsys):
