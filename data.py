@@ -58,16 +58,15 @@ class ArgParser(argparse.ArgumentParser):
         fail(message)
 
 
-def number(kind=int, low=1):
-    """An argparse type: `kind` (int or float) of at least `low` (above it for a float low of 0)."""
+def number(kind=int, low=1, above=False):
+    """An argparse type: a finite `kind` (int or float) of at least `low`, or above it."""
     def parse(text):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' * (kind is int)}number") from None
-        if not (v > low if kind is float and low == 0 else v >= low) or not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be "
-                                             f"{'above' if kind is float and low == 0 else 'at least'} {low}")
+        if not math.isfinite(v) or v < low or (above and v == low):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {'above' if above else 'at least'} {low}")
         return v
     return parse
 

@@ -8,7 +8,6 @@
 Figures: PIL, written by the small PNG writer below. Pairs are a pure function of (dataset, split,
 n, seed): runs on one dataset are scored on the same pairs and compared pair by pair (write_report).
 """
-import argparse
 import csv
 import importlib.util
 import json
@@ -315,6 +314,8 @@ def metrics(run_dirs, split=None, data=None, n_pairs=N_EVAL, seed=SEED, device="
     pair]}, "summary": {metric: [mean, low, high]}}}}, the interval a 95 % t-interval over pairs."""
     out, t0 = {"n_pairs": n_pairs, "seed": seed, "runs": {}}, time.time()
     for i, run_dir in enumerate(run_dirs):
+        say = lambda what: print(f"\rmetrics {i + 1}/{len(run_dirs)} {run_dir}: {what}".ljust(78), end="", flush=True)
+        say("same-video pairs")
         G, cfg = networks.load_generator(run_dir, device)
         root = data or cfg["args"]["data"]
         out["split"], videos = videos_of(root, split)
@@ -324,6 +325,7 @@ def metrics(run_dirs, split=None, data=None, n_pairs=N_EVAL, seed=SEED, device="
         out["judge"] = "dlib" if judged else "skipped (dlib / face_recognition_models not installed)"
         pairs = {**scores(gen, tgt), **(judged or {})}
         if len(videos) > 1 and all(v["params"] for v in videos):  # the synthetic set: cross-identity
+            say("cross-identity pairs (rendering the truth)")
             t = cross_targets(root, out["split"], videos, n_pairs, seed)
             x_gen = networks.generate(G, cfg, t["src"], t["lm"])
             pairs.update(scores(x_gen, t["img"], "x_"))
@@ -331,11 +333,13 @@ def metrics(run_dirs, split=None, data=None, n_pairs=N_EVAL, seed=SEED, device="
             pairs.update(scores(networks.generate(G, cfg, t["src"], t["drv_lm"]), t["img"], "xabs_"))
             pairs.update({"leak_" + k: [leak_score(x_gen[j], t["img"][j], worn) for j, worn in items]
                           for k, items in t["leak"].items() if items})
+        say("flicker")
         pairs["flicker"] = [flicker_ratio(G, cfg, v) for v in videos[:FLICKER_VIDEOS]]
         # nan = a leak pair whose attribute left no mask: the same pairs for every run, still paired
         pairs = {k: [float(x) for x in v if np.isfinite(x)] for k, v in pairs.items()}
         out["runs"][run_dir] = {"data": root, "split": out["split"], "pairs": pairs,
                                 "summary": {k: mean_ci(v) for k, v in pairs.items()}}
+        print("\r", end="")
         progress("metrics", i + 1, len(run_dirs), t0, unit="runs")
     return out
 
@@ -430,7 +434,10 @@ def loss_figures(run_dirs, out):
         fx, fy = axes(d, box, (x[0], max(x[-1], x[0] + 1)), (pos.min(), pos.max() * 1.5), log=True,
                       title=name, xlabel="step", ylabel="lambda * L (smoothed)")
         for t, y in c.items():
-            d.line([(fx(a), fy(b)) for a, b in zip(x, smooth(y)) if b > 0], fill=colour(t), width=1 + (t == "L_G"))
+            pts = [(fx(a), fy(b)) for a, b in zip(x, smooth(y)) if b > 0]
+            d.line(pts, fill=colour(t), width=1 + (t == "L_G"))
+            for px, py in pts if len(pts) < 3 else []:  # a line needs two points: a short log shows dots
+                d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour(t))
         d.rectangle([box[2] - 64, box[1] + 2, box[2] - 2, box[1] + 6 + 12 * len(c)], fill="white", outline="grey")
         for j, t in enumerate(c):  # the legend, on top of the curves
             d.line([(box[2] - 60, box[1] + 10 + 12 * j), (box[2] - 45, box[1] + 10 + 12 * j)], fill=colour(t), width=2)
@@ -508,36 +515,36 @@ def write_report(groups, out_dir, split=None, data=None, n_pairs=N_EVAL, seed=SE
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Figures and metrics of trained facesynth runs.")
+    p = data.ArgParser(description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     for cmd, about in (("heatmaps", "Appendix B: error heatmaps of each run on the same pairs"),
                        ("grid", "Fig. 1 per run: source, landmarks, generated, target"),
                        ("losses", "Fig. 3 (loss terms at the end) and Fig. 4 (loss curves)"),
                        ("metrics", "L1 / PSNR / SSIM (+ cross-identity, leak) with confidence intervals")):
         s = sub.add_parser(cmd, help=about, description=about)
-        s.add_argument("--runs", nargs="+", required=True, help="run folders (runs/NAME)")
-        s.add_argument("--out", default="eval", help="output folder (default eval)")
+        s.add_argument("--runs", nargs="+", default=[os.path.join("runs", "default")], help="run folders (runs/NAME)")
+        s.add_argument("--out", default="eval", help="output folder")
         if cmd != "losses":
             s.add_argument("--data", help="prepared dataset (default: each run's own, from its config)")
             s.add_argument("--split", help="default: the first test split that has videos")
-            s.add_argument("--n", type=int, default=N_EVAL if cmd == "metrics" else N_FIGURE,
-                           help="pairs (default %(default)s)")
-            s.add_argument("--seed", type=int, default=SEED, help="pair-sampling seed")
-            s.add_argument("--device", default="cpu")
+            s.add_argument("--n", type=data.number(), default=N_EVAL if cmd == "metrics" else N_FIGURE, help="pairs")
+            s.add_argument("--seed", type=data.number(int, 0), default=SEED, help="pair-sampling seed")
+            s.add_argument("--device", default="cpu", help="cpu or cuda")
         if cmd == "heatmaps":
             s.add_argument("--vmin", type=float, default=VMIN, help="error drawn dark blue (0-255)")
             s.add_argument("--vmax", type=float, default=VMAX, help="error drawn yellow, and above")
     a = p.parse_args(argv)
     try:
+        device = networks.pick_device(getattr(a, "device", "cpu"))
         if a.cmd == "losses":
             paths = loss_figures(a.runs, a.out)
         elif a.cmd == "metrics":
-            m = metrics(a.runs, a.split, a.data, a.n, a.seed, a.device)
+            m = metrics(a.runs, a.split, a.data, a.n, a.seed, device)
             print(save_metrics(m, a.out) + f"\n\n95 % t-intervals over {a.n} pairs; judge: {m['judge']}")
             paths = [os.path.join(a.out, f) for f in ("metrics.csv", "metrics.json")]
         else:
-            paths = ([heatmap_figure(a.runs, a.out, a.split, a.data, a.n, a.seed, a.device, a.vmin, a.vmax)]
-                     if a.cmd == "heatmaps" else grid_figures(a.runs, a.out, a.split, a.data, a.n, a.seed, a.device))
+            paths = ([heatmap_figure(a.runs, a.out, a.split, a.data, a.n, a.seed, device, a.vmin, a.vmax)]
+                     if a.cmd == "heatmaps" else grid_figures(a.runs, a.out, a.split, a.data, a.n, a.seed, device))
     except DataError as e:
         data.fail(str(e))
     print("wrote " + ", ".join(paths))

@@ -477,7 +477,7 @@ def reenact(args):
         raise DataError(f"{args.out}: the output must be a .mp4 or .gif")
     if args.frames is not None and args.frames < 1:
         raise DataError(f"--frames {args.frames}: at least 1 frame")
-    G, cfg = networks.load_generator(args.ckpt, torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    G, cfg = networks.load_generator(args.ckpt, networks.pick_device(args.device))
     size, root, crop_scale = cfg["args"]["size"], cfg["args"].get("data"), data.CROP_SCALE
     if root and os.path.isfile(os.path.join(root, "prepare.json")):  # crop as the training set was cropped
         crop_scale = json.load(open(os.path.join(root, "prepare.json"))).get("crop_scale", crop_scale)
@@ -552,7 +552,7 @@ def add_reenact_options(p):
 
 # ----------------------------------------------------------------------------- command line
 def add_train_options(p):
-    pos, nonneg, above0 = data.number(), data.number(int, 0), data.number(float, 0)
+    pos, nonneg, above0 = data.number(), data.number(int, 0), data.number(float, 0, above=True)
     p.add_argument("--data", help="prepared dataset (default: the built-in synthetic set, made once in data/synthetic/)")
     p.add_argument("--out", default=os.path.join("runs", "default"), help="run folder")
     p.add_argument("--resume", help="run folder or checkpoint to continue from")
@@ -569,7 +569,7 @@ def add_train_options(p):
     p.add_argument("--window", type=pos, default=data.WINDOW, help="heatmap window in pixels")
     p.add_argument("--max-gap", type=data.number(int, 2), help="max frames between a triplet's ends (default: whole video)")
     for t in TERMS:
-        p.add_argument(f"--lambda-{t}", type=data.number(float, 0.0), help=f"weight of L_{t} (paper: {losses.LAMBDAS[t]:g})")
+        p.add_argument(f"--lambda-{t}", type=data.number(float, 0), help=f"weight of L_{t} (paper: {losses.LAMBDAS[t]:g})")
     p.add_argument("--ablate", action="append", default=[], choices=sorted(losses.GROUPS),
                    help="switch off a group of terms (repeatable): pix, consistency (self+triple), feature (pp+id)")
     p.add_argument("--vgg", help="torchvision VGG-19 state dict (vgg19-dcbb9e9d.pth), or 'random' to skip the lookup")
@@ -602,7 +602,7 @@ def main(argv=None):
     p = sub.add_parser("prepare", help="a 300VW-layout folder -> a prepared dataset")
     p.add_argument("src"), p.add_argument("out")
     p.add_argument("--size", type=data.number(int, 16), default=64, help="crop side in pixels")
-    p.add_argument("--crop-scale", type=data.number(float, 0), default=data.CROP_SCALE, help="crop side / landmark box side")
+    p.add_argument("--crop-scale", type=data.number(float, 0, above=True), default=data.CROP_SCALE, help="crop side / landmark box side")
     p.add_argument("--split-file", help="JSON {split: [video names]} instead of the official 300VW split")
     p.add_argument("--workers", type=pos, default=2)
     p = sub.add_parser("synth", help="write the synthetic talking-head videos in 300VW layout")

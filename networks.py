@@ -6,6 +6,7 @@ G(I_s, e_t) maps a source image and the target's 68 landmark heatmaps to the tar
 D(I, e_t) says how real an image looks *given* the landmarks it should show.
 """
 import http.client
+import io
 import os
 import socket
 import threading
@@ -263,10 +264,11 @@ def load_vgg(layers, path=None, log=print, widths=VGG_WIDTHS):
 def save_checkpoint(path, ckpt):
     """Write to a temporary file, fsync it, then rename it over the old checkpoint: a full disk, a
     crash or a Ctrl-C while writing leaves the previous checkpoint as it was, and no temporary file."""
-    tmp = path + ".tmp"
+    tmp, buf = path + ".tmp", io.BytesIO()
+    torch.save(ckpt, buf)  # serialised in memory first: a failing disk then raises a plain OSError
     try:
         with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
+            f.write(buf.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -291,7 +293,7 @@ def load_checkpoint(path):
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.isfile(path):
-        raise DataError(f"{path}: no checkpoint there")
+        raise DataError(f"{path}: no checkpoint there (a run folder holding ckpt.pt, or the .pt file itself)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -597,6 +597,99 @@ def test_nan_stops_the_run_and_keeps_last_good_checkpoint(blobs, tmp_path, monke
     assert kept["step"] == 4 and all(torch.equal(kept["G"][k], good["G"][k]) for k in good["G"])
 
 
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path):
+    """A real fault: a file-size limit makes the write fail half-way (Python ignores SIGXFSZ, so the
+    write raises EFBIG, as a full disk raises ENOSPC)."""
+    import resource
+    path = str(tmp_path / "ckpt.pt")
+    networks.save_checkpoint(path, {"G": {"w": torch.zeros(4)}, "step": 1})
+    before = open(path, "rb").read()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(data.DataError) as e:
+            networks.save_checkpoint(path, {"G": {"w": torch.zeros(100_000)}, "step": 2})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(e.value) == f"{path}: cannot write the checkpoint (File too large); the previous one is kept as it was"
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_disk_full_during_training_is_one_line_and_keeps_the_checkpoint(blobs, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "full")
+    run_train("--data", blobs, "--out", out, "--steps", "2", "--ckpt-every", "2")
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+
+    real_open = open
+
+    def full_disk(path, mode="r", *a, **k):  # the temporary checkpoint's writes fail half-way
+        f = real_open(path, mode, *a, **k)
+        if str(path).endswith(".tmp"):
+            f.write(b"partial")
+            f.write = lambda *_: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+        return f
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    with pytest.raises(SystemExit) as e:
+        facesynth.main(["train", "--resume", out, "--steps", "4", "--ckpt-every", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == (f"error: {os.path.join(out, 'ckpt.pt')}: cannot write the checkpoint (No space "
+                                         "left on device); the previous one is kept as it was\n")
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+    assert not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
+
+
+def interrupt_at(monkeypatch, *calls):
+    """Ctrl-C (a real SIGINT to this process) during the given calls of L_pix, i.e. inside a step."""
+    import signal
+    n, real = [0], losses.L_pix
+
+    def pix(fake, target):
+        n[0] += 1
+        for _ in range(calls.count(n[0])):
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(fake, target)
+
+    monkeypatch.setattr(losses, "L_pix", pix)
+
+
+def test_ctrl_c_once_saves_after_the_step(blobs, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "int")
+    interrupt_at(monkeypatch, 3)
+    with pytest.raises(SystemExit) as e:
+        run_train("--data", blobs, "--out", out, "--steps", "10")
+    assert e.value.code == 130 and torch.load(os.path.join(out, "ckpt.pt"))["step"] == 3
+    assert f"interrupted: checkpoint at step 3 in {os.path.join(out, 'ckpt.pt')}" in capsys.readouterr().out
+
+
+def test_ctrl_c_twice_quits_without_touching_the_checkpoint(blobs, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "int2")
+    run_train("--data", blobs, "--out", out, "--steps", "2")
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    interrupt_at(monkeypatch, 2, 2)
+    with pytest.raises(SystemExit) as e:
+        facesynth.main(["train", "--resume", out, "--steps", "10"])
+    captured = capsys.readouterr()
+    assert e.value.code == 130 and "Traceback" not in captured.err
+    assert f"interrupted twice: stopped at once without saving; {os.path.join(out, 'ckpt.pt')} keeps step 2" in captured.out
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before and sorted(os.listdir(out)) == [
+        "ckpt.pt", "config.json", "log.csv", "samples"]
+
+
+def test_resume_session_options_do_not_stick_and_time_goes_on(blobs, tmp_path):
+    out = str(tmp_path / "s")
+    run_train("--data", blobs, "--out", out, "--steps", "2", "--log-every", "1")
+    facesynth.main(["train", "--resume", out, "--steps", "4", "--log-every", "1"])  # this session only
+    facesynth.main(["train", "--resume", out, "--steps", "8"])                      # back to the run's own 1
+    rows = read_log(out)
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+    times = [float(r["time"]) for r in rows]
+    assert times == sorted(times) and times[-1] > 0
+    facesynth.main(["train", "--resume", out, "--steps", "10", "--log-every", "5"])
+    assert [int(r["step"]) for r in read_log(out)][-2:] == [8, 10]
+    assert torch.load(os.path.join(out, "ckpt.pt"))["args"]["log_every"] == 1
+
+
 def test_fused_passes_match_plain_passes():
     torch.manual_seed(0)
     G = networks.Generator(ngf=8)
@@ -1047,3 +1140,61 @@ def test_ablation_trains_every_group_then_reports_and_skips_finished_runs(blobs,
     capsys.readouterr()
     facesynth.main(argv)  # a second call trains nothing
     assert capsys.readouterr().out.count("finished, skipped") == len(facesynth.GROUP_RUNS)
+
+
+# ================================================================================================
+# the command line: a bad option or file is one line `error: ...` naming it, never a traceback
+# ================================================================================================
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--steps", "0"], "argument --steps: 0 is out of range: it must be at least 1"),
+    (["train", "--batch-size", "0"], "argument --batch-size: 0 is out of range: it must be at least 1"),
+    (["train", "--batch-size", "-3"], "argument --batch-size: -3 is out of range: it must be at least 1"),
+    (["train", "--steps", "ten"], "argument --steps: 'ten' is not a whole number"),
+    (["train", "--sigma", "0"], "argument --sigma: 0 is out of range: it must be above 0"),
+    (["train", "--lambda-pix", "-1"], "argument --lambda-pix: -1 is out of range: it must be at least 0"),
+    (["train", "--device", "gpu"], "--device gpu: not a device; use cpu or cuda (cuda:N for the N-th GPU)"),
+    (["bench", "--warmup", "-1"], "argument --warmup: -1 is out of range: it must be at least 0"),
+    (["synth", "out", "--frames", "2"], "argument --frames: 2 is out of range: it must be at least 3"),
+    (["ablation", "--ablate", "pix"], "--resume/--ablate: ablation chooses --ablate itself and resumes unfinished "
+                                      "runs on its own"),
+])
+def test_bad_options_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        facesynth.main(argv)
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_bad_data_folders_say_what_to_run(tmp_path, capsys):
+    missing, raw = tmp_path / "nope", tmp_path / "300VW"
+    os.makedirs(raw / "001" / "annot")
+    for folder, message in [
+            (missing, f"{missing}: no such folder (--data takes a prepared dataset: facesynth.py prepare SRC {missing})"),
+            (raw, f"{raw / 'prepare.json'}: missing, so {raw} is not a prepared dataset; prepare it first: "
+                  f"python facesynth.py prepare {raw} OUT, then --data OUT")]:
+        with pytest.raises(SystemExit) as e:
+            facesynth.main(["train", "--data", str(folder), "--device", "cpu"])
+        assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+    assert not os.path.exists(os.path.join("runs", "default", "ckpt.pt.tmp"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_blames_the_device_not_the_checkpoint(ckpt, tmp_path, capsys):
+    want = f"error: --device cuda: this machine has no usable CUDA GPU (torch {torch.__version__}); use --device cpu\n"
+    for argv in (["train", "--device", "cuda"], ["bench", "--device", "cuda"]):
+        with pytest.raises(SystemExit):
+            facesynth.main(argv)
+        assert capsys.readouterr().err == want
+    with pytest.raises(SystemExit):
+        facesynth.main(["reenact", "--ckpt", ckpt, "--source", "synthetic:60", "--driver", "synthetic:61",
+                        "--out", str(tmp_path / "o.gif"), "--device", "cuda"])
+    assert capsys.readouterr().err == want
+    with pytest.raises(SystemExit):
+        evaluate.main(["grid", "--runs", os.path.dirname(ckpt), "--device", "cuda", "--out", str(tmp_path)])
+    assert capsys.readouterr().err == want
+
+
+def test_help_shows_defaults(capsys):
+    for argv, shown in ((["train", "--help"], "(default: 16)"), (["ablation", "--help"], "(default: runs/ablation)")):
+        with pytest.raises(SystemExit):
+            facesynth.main(argv)
+        assert shown in " ".join(capsys.readouterr().out.split())
