@@ -9,7 +9,9 @@ import argparse
 import json
 import math
 import os
+import queue
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -634,6 +636,49 @@ def load_batch(videos, triplets):
     return {"I_s": torch.from_numpy(get(1)), "I_t": torch.from_numpy(get(3)),
             "lm_s": torch.from_numpy(lms(1)), "lm_m": torch.from_numpy(lms(2)),
             "lm_t": torch.from_numpy(lms(3)), "flip": torch.from_numpy(triplets[:, 4].astype(bool))}
+
+
+def batches(videos, args, start, total, rank=0, world=1, device=torch.device("cpu")):
+    """Yield (step, batch) from step `start` on. A background thread gathers batches from the
+    memory maps while the device computes; on CUDA they go through pinned memory."""
+    B = args["batch_size"]
+    per_epoch = steps_per_epoch(args, world)
+
+    def work(q):
+        try:
+            cache = {}
+            for step in range(start, total):
+                epoch, i = divmod(step, per_epoch)
+                if epoch not in cache:  # one epoch's triplets: a pure function of (seed, epoch)
+                    cache = {epoch: sample_triplets(videos, per_epoch * B * world, args["seed"], epoch, args["max_gap"])}
+                rows = cache[epoch][(i * world + rank) * B:(i * world + rank + 1) * B]
+                b = load_batch(videos, rows)
+                if device.type == "cuda":
+                    b = {k: v.pin_memory() for k, v in b.items()}
+                q.put((step, b))
+            q.put(None)
+        except Exception as e:  # hand it to the training loop, which would otherwise wait forever
+            q.put(e)
+
+    q = queue.Queue(maxsize=4)
+    threading.Thread(target=work, args=(q,), daemon=True).start()
+    while (item := q.get()) is not None:
+        if isinstance(item, Exception):
+            raise item
+        step, b = item
+        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        I_s, I_t = to_tensor(b.pop("I_s")), to_tensor(b.pop("I_t"))
+        # horizontal flip, the same for all three frames of a triplet, landmark order mirrored
+        f = b.pop("flip")
+        pick = lambda a, c: torch.where(f.view(-1, *[1] * (a.dim() - 1)), c, a)
+        out = {"I_s": pick(I_s, I_s.flip(-1)), "I_t": pick(I_t, I_t.flip(-1))}
+        for k in ("lm_s", "lm_m", "lm_t"):
+            out[k] = pick(b[k], mirror_landmarks(b[k], I_s.shape[-1]))
+        yield step, out
+
+
+def steps_per_epoch(args, world=1):
+    return max(1, args["triplets_per_epoch"] // (args["batch_size"] * world))
 
 
 def to_tensor(frames):

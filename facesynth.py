@@ -18,10 +18,8 @@ import csv
 import json
 import math
 import os
-import queue
 import signal
 import sys
-import threading
 import time
 
 import numpy as np
@@ -107,50 +105,6 @@ def train_step(G, D, vgg, opt_G, opt_D, b, lam, measure, cfg, fused=True, amp=No
     return terms
 
 
-# ----------------------------------------------------------------------------- data feed
-def batches(videos, args, start, total, rank=0, world=1, device=torch.device("cpu")):
-    """Yield (step, batch) from step `start` on. A background thread gathers batches from the
-    memory maps while the device computes; on CUDA they go through pinned memory."""
-    B = args["batch_size"]
-    per_epoch = steps_per_epoch(args, world)
-
-    def work(q):
-        try:
-            cache = {}
-            for step in range(start, total):
-                epoch, i = divmod(step, per_epoch)
-                if epoch not in cache:  # one epoch's triplets: a pure function of (seed, epoch)
-                    cache = {epoch: data.sample_triplets(videos, per_epoch * B * world, args["seed"], epoch, args["max_gap"])}
-                rows = cache[epoch][(i * world + rank) * B:(i * world + rank + 1) * B]
-                b = data.load_batch(videos, rows)
-                if device.type == "cuda":
-                    b = {k: v.pin_memory() for k, v in b.items()}
-                q.put((step, b))
-            q.put(None)
-        except Exception as e:  # hand it to the training loop, which would otherwise wait forever
-            q.put(e)
-
-    q = queue.Queue(maxsize=4)
-    threading.Thread(target=work, args=(q,), daemon=True).start()
-    while (item := q.get()) is not None:
-        if isinstance(item, Exception):
-            raise item
-        step, b = item
-        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-        I_s, I_t = data.to_tensor(b.pop("I_s")), data.to_tensor(b.pop("I_t"))
-        # horizontal flip, the same for all three frames of a triplet, landmark order mirrored
-        f = b.pop("flip")
-        pick = lambda a, c: torch.where(f.view(-1, *[1] * (a.dim() - 1)), c, a)
-        out = {"I_s": pick(I_s, I_s.flip(-1)), "I_t": pick(I_t, I_t.flip(-1))}
-        for k in ("lm_s", "lm_m", "lm_t"):
-            out[k] = pick(b[k], data.mirror_landmarks(b[k], I_s.shape[-1]))
-        yield step, out
-
-
-def steps_per_epoch(args, world=1):
-    return max(1, args["triplets_per_epoch"] // (args["batch_size"] * world))
-
-
 # ----------------------------------------------------------------------------- training
 def setup_distributed(device):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python facesynth.py` is one process."""
@@ -222,7 +176,7 @@ def train(args):
     if args["compile"]:
         G_run = torch.compile(G_run)
 
-    per_epoch = steps_per_epoch(args, world)
+    per_epoch = data.steps_per_epoch(args, world)
     total = args["steps"] or args["epochs"] * per_epoch
     out, ckpt_path = args["out"], os.path.join(args["out"], "ckpt.pt")
     if start >= total:
@@ -277,7 +231,7 @@ def train(args):
     done = step_line = start
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        for step, b in batches(videos, args, start, total, rank, world, device):
+        for step, b in data.batches(videos, args, start, total, rank, world, device):
             measure = (step + 1) % args["log_every"] == 0 or step + 1 == total
             terms = train_step(G_run, D_run, vgg, opt_G, opt_D, b, lam, measure, cfg_step, amp=device.type == "cuda")
             bad |= ~torch.isfinite(terms["G"] + terms["D"])
@@ -444,7 +398,7 @@ def ablation(args):
         runs.update({f"no_{t}": {f"lambda_{t}": 0.0} for t in TERMS})
     if args["data"] is None:
         args["data"] = data.ensure_synthetic(CACHE)
-    total = args["steps"] or args["epochs"] * steps_per_epoch(args)
+    total = args["steps"] or args["epochs"] * data.steps_per_epoch(args)
     dirs = {}
     for i, (name, change) in enumerate(runs.items()):
         for seed in range(n_seeds):

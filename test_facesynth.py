@@ -710,7 +710,7 @@ def test_fused_passes_match_plain_passes():
 def test_flip_in_feed_mirrors_all_three_landmark_sets(blobs):
     videos = data.load_videos(blobs, "train")
     args = {"batch_size": 8, "triplets_per_epoch": 64, "seed": 3, "max_gap": None}
-    _, b = next(facesynth.batches(videos, args, 0, 1))
+    _, b = next(data.batches(videos, args, 0, 1))
     rows = data.sample_triplets(videos, 64, 3, 0)[:8]
     for i, (v, s, m, t, f) in enumerate(rows):
         want = torch.from_numpy(videos[v]["landmarks"][[s, m, t]])
