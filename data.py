@@ -6,6 +6,7 @@ A prepared dataset is a folder of videos, each `NNN/frames.npy` (uint8, T x S x 
 Raw 300VW and the synthetic generator both end up there through one `prepare` path.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -155,14 +156,31 @@ def crop_face(frame, landmarks, size=64, crop_scale=CROP_SCALE):
 
 
 def decode(vid):
-    """A video's frames, one at a time (300VW frames are up to 1280 px: a whole video may not fit in
-    memory). Decoders raise many kinds (OSError, RuntimeError, ...): any of them means undecodable."""
+    """A video's frames, one at a time, as RGB uint8 (H,W,3) (300VW frames are up to 1280 px: a whole
+    video may not fit in memory). GIFs go through Pillow (imageio's ffmpeg plugin refuses them), the
+    rest through ffmpeg. Decoders raise many kinds (OSError, RuntimeError, ...): any means undecodable."""
     import imageio
     try:
-        with imageio.get_reader(vid, "ffmpeg") as reader:
-            yield from reader
+        if str(vid).lower().endswith(".gif"):  # palette or RGBA frames: made RGB
+            yield from imageio.v3.imiter(vid, plugin="pillow", mode="RGB")
+        else:
+            with imageio.get_reader(vid, "ffmpeg") as reader:
+                yield from reader
     except Exception as e:  # ffmpeg's message is many lines; its first names the problem
         raise DataError(f"{vid}: cannot decode ({(str(e).strip() or type(e).__name__).splitlines()[0]})") from None
+
+
+def frame_count(vid):
+    """A video's frame count as its header tells it (for progress lines only), 0 when unknown."""
+    import imageio
+    try:
+        if str(vid).lower().endswith(".gif"):
+            return imageio.v3.improps(vid, plugin="pillow").n_images
+        with imageio.get_reader(vid, "ffmpeg") as reader:
+            meta = reader.get_meta_data()
+        return round(meta["fps"] * meta["duration"])
+    except Exception:  # decode() reports an unreadable video properly
+        return 0
 
 
 def write_video(path, frames, fps):
@@ -177,33 +195,61 @@ def write_video(path, frames, fps):
             video.append_data(f)
 
 
+MIN_FRAMES = 3  # a training triplet is three distinct frames of one video
+
+
+def outside(lms, shape):
+    """Per landmark set (...,68,2): whether a point lies more than a frame size outside an (H,W,...)
+    frame. Such a .pts is broken, and crop_face would allocate a window as large as its box."""
+    size = np.array(shape[1::-1])
+    return ((lms < -size) | (lms > 2 * size)).any((-1, -2))
+
+
 def _prepare_video(vdir, out, size, crop_scale):
-    """One raw video folder -> OUT/NAME; returns (frames, warning lines) or raises DataError."""
+    """One raw video -> OUT/NAME; returns (frames, warning lines) or raises DataError. A 300VW folder
+    brings its landmarks (annot/*.pts); a plain video file NAME.mp4 (...) gets them from the detector."""
     import shutil
-    name, annot, vid = os.path.basename(vdir), os.path.join(vdir, "annot"), os.path.join(vdir, "vid.avi")
-    if not os.path.isdir(annot):
-        raise DataError(f"{annot}: missing annotation folder")
-    files = sorted(f for f in os.listdir(annot) if f.endswith(".pts"))
     warn = []
-    n = next((i for i, f in enumerate(files) if f != f"{i + 1:06d}.pts"), len(files))
-    if n < len(files):  # a gap would shift every later annotation onto the wrong frame
-        warn.append(f"{name}: {annot}: expected {n + 1:06d}.pts, found {files[n]}; using the first {n}")
-    pts = [read_pts(os.path.join(annot, f)) for f in files[:n]]  # all before decoding: fail fast
-    if not os.path.isfile(vid):
-        raise DataError(f"{vid}: missing")
-    frames, marks = [], []
+    if os.path.isfile(vdir):
+        name, vid = os.path.splitext(os.path.basename(vdir))[0], vdir
+        lms, found = detect_video(vid)
+        if not found.any():
+            raise DataError(f"{vid}: no face found in its {len(found)} frames")
+        if not found.all():  # the last landmarks on a frame without a face would teach G a wrong face
+            warn.append(f"{name}: {vid}: no face found in {(~found).sum()} of {len(found)} frames; those are left out")
+        files = [vid] * len(lms)  # what a bad landmark set names
+    else:
+        name, annot, vid = os.path.basename(vdir), os.path.join(vdir, "annot"), os.path.join(vdir, "vid.avi")
+        if not os.path.isdir(annot):
+            raise DataError(f"{annot}: missing annotation folder")
+        files = sorted(f for f in os.listdir(annot) if f.endswith(".pts"))
+        n = next((i for i, f in enumerate(files) if f != f"{i + 1:06d}.pts"), len(files))
+        if n == 0:
+            raise DataError(f"{os.path.join(annot, '000001.pts')}: missing (the annotation of frame 1; "
+                            + (f"the first .pts is {files[0]})" if files else "annot/ has no .pts files)"))
+        if n < len(files):  # a gap would shift every later annotation onto the wrong frame
+            warn.append(f"{name}: {annot}: expected {n + 1:06d}.pts, found {files[n]}; using the first {n}")
+        files = [os.path.join(annot, f) for f in files[:n]]
+        lms, found = np.stack([read_pts(f) for f in files]), np.ones(n, bool)  # all before decoding: fail fast
+        if not os.path.isfile(vid):
+            raise DataError(f"{vid}: missing")
+    frames, marks, t = [], [], 0
     for frame in decode(vid):
-        if len(frames) == len(pts):
-            warn.append(f"{name}: {vid} has more frames than the {len(pts)} .pts files; using the first {len(pts)}")
+        if t == len(lms):
+            warn.append(f"{name}: {vid} has more frames than the {len(lms)} .pts files; using the first {len(lms)}")
             break
-        crop, uv = crop_face(frame, pts[len(frames)], size, crop_scale)
-        frames.append(crop)
-        marks.append(uv)
-    if not frames:
-        raise DataError(f"{vid}: no frames to use ({len(pts)} .pts files)")
-    if len(frames) < len(pts):
-        warn.append(f"{name}: {vid} has {len(frames)} frames for {len(pts)} .pts files; "
-                    f"using the first {len(frames)}")
+        if t == 0 and outside(lms, frame.shape).any():  # checked before crop_face allocates anything
+            raise DataError(f"{files[int(np.argmax(outside(lms, frame.shape)))]}: a landmark lies more than "
+                            f"a frame size outside the {frame.shape[1]}x{frame.shape[0]} frames of {vid}")
+        if found[t]:
+            crop, uv = crop_face(frame, lms[t], size, crop_scale)
+            frames.append(crop)
+            marks.append(uv)
+        t += 1
+    if 0 < t < len(lms):
+        warn.append(f"{name}: {vid} has {t} frames for {len(lms)} .pts files; using the first {t}")
+    if len(frames) < MIN_FRAMES:  # sample_triplets could not use it, and evaluation pairs need two
+        raise DataError(f"{vid}: only {len(frames)} usable frame(s); a training triplet needs {MIN_FRAMES}")
     # Write to a temp folder and rename: an interrupted run leaves no half video that looks finished.
     tmp, final = os.path.join(out, f".{name}.tmp"), os.path.join(out, name)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -225,17 +271,36 @@ def _prepare_one(job):
         return 0, [f"skip {os.path.basename(job[0])}: {e}"]
 
 
+HELD_OUT = 0.2  # plain videos without a --split-file: the last 20 % by name (at least 1 of 2+) are test1
+
+
 def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None, log=print):
-    """Raw 300VW-layout folder SRC -> prepared dataset OUT (see the module docstring). Re-runnable:
-    finished videos are kept, bad videos are skipped with one warning line each."""
+    """Raw folder SRC -> prepared dataset OUT (see the module docstring). SRC holds 300VW-layout video
+    folders (NNN/vid.avi + NNN/annot/*.pts), plain video files (NAME.mp4, ...: landmarks detected), or
+    both. Re-runnable: finished videos are kept, bad videos are skipped with one warning line each."""
     import contextlib
     import time
     from concurrent.futures import ProcessPoolExecutor
     if not os.path.isdir(src):
         raise DataError(f"{src}: no such folder")
-    names = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)) and d[0] != ".")
-    if not names:
-        raise DataError(f"{src}: no video folders (expected NNN/vid.avi and NNN/annot/*.pts)")
+    entries = sorted(d for d in os.listdir(src) if d[0] != ".")
+    entry = {d: d for d in entries if os.path.isdir(os.path.join(src, d))}  # prepared name -> its source
+    clashes = {}  # a video file whose name is taken -> its skip line
+    for f in (f for f in entries if is_video(os.path.join(src, f))):  # a plain video is named by its stem
+        stem = os.path.splitext(f)[0]
+        if stem in entry:
+            clashes[f] = f"skip {f}: the name {stem} is already {entry[stem]}'s (rename one)"
+        else:
+            entry[stem] = f
+    if not entry:
+        raise DataError(f"{src}: no video folders (NNN/vid.avi and NNN/annot/*.pts) and no video files "
+                        f"({' '.join(VIDEO_EXTS)})")
+    names, plain = sorted(entry), sorted(d for d, e in entry.items() if e != d)
+    if plain:  # stop now, not with one skip line per video
+        try:
+            dlib_models()
+        except DataError as e:
+            raise DataError(f"{src}: its {len(plain)} plain video(s) have no landmarks to read, and {e}") from None
     meta = {"size": size, "crop_scale": crop_scale, "source": os.path.abspath(src),
             "synthetic": any(os.path.isfile(os.path.join(src, d, "params.json")) for d in names)}
     os.makedirs(out, exist_ok=True)
@@ -260,11 +325,12 @@ def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None
     existing = [d for d in names if done(d)]
     todo = [d for d in names if not done(d)]
     frames = sum(len(np.load(os.path.join(out, d, "landmarks.npy"), mmap_mode="r")) for d in existing)
-    # Progress counts frames; the total starts at the .pts count and is corrected as videos finish.
+    # Progress counts frames; the total starts at the .pts (or header) count, corrected as videos finish.
     annot = lambda d: os.path.join(src, d, "annot")
-    plan = {d: len(os.listdir(annot(d))) if os.path.isdir(annot(d)) else 0 for d in todo}
+    plan = {d: frame_count(os.path.join(src, entry[d])) if d in plain else
+            len(os.listdir(annot(d))) if os.path.isdir(annot(d)) else 0 for d in todo}
     total, n_done, prepared, skipped, warnings, t0 = sum(plan.values()), 0, [], [], [], time.time()
-    jobs = [(os.path.join(src, d), out, size, crop_scale) for d in todo]
+    jobs = [(os.path.join(src, entry[d]), out, size, crop_scale) for d in todo]
     with ProcessPoolExecutor(workers) if workers > 1 and len(todo) > 1 else contextlib.nullcontext() as pool:
         for d, (n, warn) in zip(todo, (pool.map if pool else map)(_prepare_one, jobs)):
             (prepared if n else skipped).append(d)
@@ -273,9 +339,17 @@ def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None
             n_done += n
             frames += n
             progress("prepare", n_done, total, t0, extra=f"video {len(prepared) + len(skipped)}/{len(todo)}")
-    for w in warnings:  # after the progress line, which overwrites itself
+    for w in [*clashes.values(), *warnings]:  # after the progress line, which overwrites itself
         log(w)
+    skipped += clashes
     where = {v: k for k, vs in mapping.items() for v in vs}
+    if not split_src:  # plain videos have no official split: hold out the last ones by name
+        mine = [d for d in sorted(existing + prepared) if d in plain]
+        held = mine[len(mine) - (max(1, round(HELD_OUT * len(mine))) if len(mine) > 1 else 0):]
+        where.update({d: "test1" for d in held})
+        if held:
+            log(f"split: no --split-file; {len(held)} of the {len(mine)} plain videos held out as test1 "
+                f"(the last by name: {', '.join(held)})")
     split = {k: [] for k in [*SPLITS_300VW, *mapping]}
     for d in sorted(existing + prepared):
         split[where.get(d, "train")].append(d)
@@ -791,16 +865,30 @@ def synthetic(spec, ident, n):
 
 def load_driver(spec, n=None):
     """DRIVER -> {"lms": (T,68,2) in its frames' pixels, "frames": iterable or None, "who": its person
-    (the source's too: absolute by default), "motion": a synthetic driver's (pose, expression)s}."""
+    (the source's too: absolute by default), "motion": a synthetic driver's (pose, expression)s,
+    "no_face": a plain video's count of frames without a face (they keep the last landmarks)}."""
     if spec.startswith("synthetic:"):
         who, identity, motion = synthetic(spec, spec.split(":")[1], n or REENACT_FRAMES)
         frames, lms = zip(*(render_face(identity, p, e) for p, e in motion))
         return {"lms": np.stack(lms), "frames": frames, "who": who, "motion": motion}
+    if is_video(spec):  # a plain video: landmarks detected and smoothed
+        try:
+            landmark_detector()
+        except DataError as e:
+            raise DataError(f"{spec}: a plain video has no landmarks to read, and {e}") from None
+        lms, found = detect_video(spec, n, show=True)
+        if not found.any():
+            raise DataError(f"{spec}: no face found in its first {len(found)} frames")
+        # The frames are decoded again, lazily, for the driver panel: decoding a 720p frame costs ~6 ms
+        # next to detection's ~17, while holding the clip in memory would take 2.7 MB a frame.
+        return {"lms": lms, "frames": decode(spec), "who": os.path.realpath(spec), "motion": None,
+                "no_face": int((~found).sum())}
     join, frames = lambda f: os.path.join(spec, f), None
     if os.path.isfile(spec) and spec.endswith(".npy"):
         lms = load_landmarks(spec, n)
     elif not os.path.isdir(spec):
-        raise DataError(f"{spec}: no such driver (a video folder, landmarks .npy, folder of .pts or synthetic:ID)")
+        raise DataError(f"{spec}: no such driver (a video file, video folder, landmarks .npy, folder of .pts "
+                        f"or synthetic:ID)")
     elif any(os.path.isfile(join(f)) for f in ("frames.npy", "landmarks.npy")):  # a prepared video
         lms = load_landmarks(join("landmarks.npy"), n)
         frames = np.load(join("frames.npy"), mmap_mode="r") if os.path.isfile(join("frames.npy")) else None
@@ -815,15 +903,16 @@ def load_driver(spec, n=None):
 
 
 def load_face(spec, pts=None):
-    """FACE -> {"image", "lm" (68,2) in its pixels, "who", "identity" (synthetic sources only)}."""
-    from PIL import Image
+    """FACE -> {"image", "lm" (68,2) in its pixels, "who", "identity" (synthetic sources only)}. An
+    image's landmarks: --source-pts, else the .pts beside it, else detected."""
+    from PIL import Image, ImageOps
     if spec.startswith("synthetic:"):
         ident, t = (spec.split(":") + ["0"])[1:3]
         if not t.isdigit():
             raise DataError(f"{spec}: expected synthetic:ID:FRAME with an integer FRAME")
         who, identity, motion = synthetic(spec, ident, int(t) + 1)
         return dict(zip(("image", "lm"), render_face(identity, *motion[-1])), who=who, identity=identity)
-    if ":" in spec and not os.path.exists(spec):  # DIR:FRAME of a prepared or 300VW-layout video
+    if ":" in spec and not os.path.exists(spec):  # VIDEO:FRAME of a prepared, 300VW-layout or plain video
         import itertools
         folder, t = spec.rsplit(":", 1)
         drv = load_driver(folder, int(t) + 1) if t.isdigit() else {"lms": [], "frames": None}
@@ -831,13 +920,172 @@ def load_face(spec, pts=None):
         if image is None or len(drv["lms"]) <= int(t):
             raise DataError(f"{spec}: no frame {t} with landmarks in {folder}")
         return {"image": np.asarray(image), "lm": drv["lms"][int(t)], "who": drv["who"], "identity": None}
-    try:
-        image = np.asarray(Image.open(spec).convert("RGB"))
-    except OSError:  # missing, or not an image Pillow knows
+    if not os.path.isfile(spec):
+        raise DataError(f"{spec}: no such file")
+    try:  # upright as viewers show it: phone photos are often stored sideways with an EXIF rotation
+        image = np.asarray(ImageOps.exif_transpose(Image.open(spec)).convert("RGB"))
+    except OSError:  # not an image Pillow knows
         raise DataError(f"{spec}: not a readable image") from None
-    pts = pts or os.path.splitext(spec)[0] + ".pts"
-    if not os.path.isfile(pts):
-        raise DataError(f"{pts}: missing (the source's 68 landmarks: a .pts beside the image, or --source-pts)")
-    return {"image": image, "lm": read_pts(pts), "who": os.path.realpath(spec), "identity": None}
+    beside = os.path.splitext(spec)[0] + ".pts"
+    if pts or os.path.isfile(beside):  # given landmarks win over detection
+        lm = read_pts(pts or beside)
+        if outside(lm, image.shape):
+            raise DataError(f"{pts or beside}: a landmark lies more than a frame size outside the "
+                            f"{image.shape[1]}x{image.shape[0]} image {spec}")
+    else:
+        try:
+            lm = landmark_detector()(image)
+        except DataError as e:
+            raise DataError(f"{spec}: no {beside} beside it to give its landmarks, and {e}") from None
+        if lm is None:
+            raise DataError(f"{spec}: no face found (give its 68 landmarks as {beside} or --source-pts)")
+    return {"image": image, "lm": lm, "who": os.path.realpath(spec), "identity": None}
 
 
+# ===== SECTION D: automatic 68-point landmarks (the optional dlib extra) =====
+# Real footage has no .pts files. dlib's HOG face detector finds the face, and its 68-point shape
+# predictor (trained on iBUG 300-W: the same 68 points in the same order as 300VW) places the points.
+# dlib is optional: only this section imports it, and without it the features that need it stop with
+# one line that says what to install.
+DLIB_HINT = "pip install dlib-bin face-recognition-models"
+VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".gif")
+SEARCH_SIDE = 1280  # a whole frame is searched at most this wide (HOG costs ~ its area)
+TRACK_FACE = 100    # near the last face, the search window is scaled so the face is ~100 px wide...
+TRACK_WINDOW = 3    # ...and the window is 3 face sizes wide: ~15-20 ms a frame at any resolution
+# The One-Euro filter's settings, per frame rather than per second: detection noise is new in every
+# frame, whatever the frame rate. Cutoffs in cycles per frame (0.04 = 1 Hz at 25 fps), speed in face
+# sizes per frame. Chosen on the synthetic talking heads' exact landmarks plus dlib-sized noise, for
+# the least error against the truth; see smooth_track and the README for the measurements.
+MIN_CUTOFF, BETA, D_CUTOFF = 0.04, 15.0, 0.3
+PAD = 20  # frames of reflection at each end: 4 time constants of the heaviest smoothing (weight 0.2)
+
+
+def dlib_models():
+    """(the dlib module, the folder of face_recognition_models' model files), or a DataError saying
+    what to install. The folder is found without importing the package: its __init__ needs
+    pkg_resources, which recent setuptools no longer ship."""
+    import importlib.util
+    try:
+        import dlib
+        spec = importlib.util.find_spec("face_recognition_models")
+    except ImportError:
+        spec = None
+    if spec is None:
+        raise DataError(f"automatic landmarks need dlib and its models: {DLIB_HINT}")
+    return dlib, os.path.join(spec.submodule_search_locations[0], "models")
+
+
+def is_video(path):
+    """A file that decode() reads, going by its extension."""
+    return os.path.isfile(path) and str(path).lower().endswith(VIDEO_EXTS)
+
+
+@functools.lru_cache(maxsize=1)  # the 100 MB predictor takes ~0.5 s to load: once per process
+def landmark_detector():
+    """find(image, last=None): the 68 landmarks (68,2) float32, 0-based pixels, of the face in an RGB
+    uint8 image, or None. With `last` (the previous frame's landmarks) the face near it is searched
+    first: tracking is fast, and it follows one person when there are several."""
+    from PIL import Image
+    dlib, models = dlib_models()
+    hog = dlib.get_frontal_face_detector()
+    predictor = dlib.shape_predictor(os.path.join(models, "shape_predictor_68_face_landmarks.dat"))
+
+    def faces(image, box, scale, upsample):
+        """HOG detections in `box` (x0, y0, x1, y1; outside the image is black) resized by `scale`,
+        as ((x0, y0, x1, y1) in image pixels, score)."""
+        x0, y0, x1, y1 = box
+        window = Image.fromarray(image).crop(box)
+        if scale != 1:
+            window = window.resize((max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale))),
+                                   Image.BILINEAR)
+        rects, scores, _ = hog.run(np.asarray(window), upsample, 0)
+        return [((x0 + r.left() / scale, y0 + r.top() / scale, x0 + (r.right() + 1) / scale,
+                  y0 + (r.bottom() + 1) / scale), s) for r, s in zip(rects, scores)]
+
+    def find(image, last=None):
+        image = np.ascontiguousarray(np.asarray(image, np.uint8)[..., :3])
+        H, W = image.shape[:2]
+        found, centre = [], lambda b: np.array([b[0] + b[2], b[1] + b[3]]) / 2
+        if last is not None:
+            c, side = (last.min(0) + last.max(0)) / 2, face_size(last)
+            box = tuple(int(round(v)) for v in np.r_[c - TRACK_WINDOW * side / 2, c + TRACK_WINDOW * side / 2])
+            found = faces(image, box, TRACK_FACE / side, 0)
+            found.sort(key=lambda f: np.linalg.norm(centre(f[0]) - c))  # the same person: the nearest
+        if not found:  # the whole frame: HOG finds faces from 80 px, or 40 px when upsampled once
+            scale = min(1.0, SEARCH_SIDE / max(H, W))
+            found = faces(image, (0, 0, W, H), scale, int(max(H, W) * scale <= 640))
+            # the subject is the largest face; weak false positives (score ~0, real faces > 0.5) last
+            found.sort(key=lambda f: (f[1] < 0.5, -(f[0][2] - f[0][0])))
+        if not found:
+            return None
+        x0, y0, x1, y1 = (int(round(v)) for v in found[0][0])
+        parts = predictor(image, dlib.rectangle(x0, y0, x1 - 1, y1 - 1)).parts()
+        # dlib's points are integer pixel indices: 0-based pixel centres, as ours
+        return np.array([(p.x, p.y) for p in parts], np.float32)
+
+    return find
+
+
+def track(frames, n=None, label=None, expected=0):
+    """Detected landmarks of the first n frames: (T,68,2) float32, NaN where no face was found. Each
+    frame is searched near the last face first. `label`: show a progress line (`expected` frames)."""
+    import itertools
+    import time
+    find, raw, last, t0 = landmark_detector(), [], None, time.time()
+    for frame in frames if n is None else itertools.islice(frames, n):
+        lm = find(frame, last)
+        last = lm if lm is not None else last
+        raw.append(lm if lm is not None else np.full((N_LANDMARKS, 2), np.nan, np.float32))
+        if label and len(raw) % 10 == 0:
+            progress(f"detect {label}", len(raw), max(expected, len(raw) + 1), t0)
+    if label:
+        progress(f"detect {label}", len(raw), len(raw), t0)
+    return np.stack(raw) if raw else np.zeros((0, N_LANDMARKS, 2), np.float32)
+
+
+def one_euro(x, scale, min_cutoff=MIN_CUTOFF, beta=BETA, d_cutoff=D_CUTOFF):
+    """The One-Euro filter (Casiez, Roussel & Vogel, CHI 2012) along axis 0, per coordinate: an
+    exponential smoother whose cutoff rises with the speed. A still point is smoothed hard (jitter
+    gone), a moving one lightly (no lag, blinks and lip motion kept). Speed is measured in face sizes
+    (`scale` px) per frame, so one beta fits every resolution."""
+    alpha = lambda cutoff: 1 / (1 + 1 / (2 * np.pi * cutoff))  # an exponential smoother's weight
+    y, dy, out = x[0], np.zeros_like(x[0]), [x[0]]
+    for xt in x[1:]:
+        dy = dy + alpha(d_cutoff) * ((xt - y) / scale - dy)
+        y = y + alpha(min_cutoff + beta * np.abs(dy)) * (xt - y)
+        out.append(y)
+    return np.stack(out).astype(np.float32)
+
+
+def smooth_track(raw):
+    """Raw detections (T,68,2) with NaN rows -> (smoothed landmarks (T,68,2), found (T,) bool).
+
+    Detection jitters (~0.6 % of the face size from frame to frame), and a video made from it flickers.
+    The One-Euro filter smooths it where the face is still and follows it where it moves (a fixed
+    low-pass would have to choose between jitter and lost blinks). The video is known in advance, so
+    it runs forward, then backward over the result: the backward pass undoes the forward pass's lag.
+    Each run of frames with a face is smoothed on its own (after a gap the face may be elsewhere); a
+    frame without a face keeps the last landmarks (those before the first face take the first)."""
+    found = ~np.isnan(raw).any((1, 2))
+    if not found.any():
+        return raw, found
+    out = raw.copy()
+    edges = np.flatnonzero(np.diff(np.r_[0, found.astype(np.int8), 0]))
+    for a, b in zip(edges[::2], edges[1::2]):
+        x, scale = raw[a:b], float(np.median([face_size(lm) for lm in raw[a:b]]))
+        # Both ends extended by point reflection (as scipy's filtfilt does): a filter starting at an
+        # end would lag there, and the motion continued through the end leaves no such bias.
+        p = min(len(x) - 1, PAD)
+        x = np.concatenate([2 * x[0] - x[p:0:-1], x, 2 * x[-1] - x[-2:-p - 2:-1]])
+        out[a:b] = one_euro(one_euro(x, scale)[::-1], scale)[::-1][p:p + b - a]
+    last = np.maximum.accumulate(np.where(found, np.arange(len(raw)), -1))
+    return out[np.where(last < 0, np.argmax(found), last)], found
+
+
+def detect_video(vid, n=None, show=False):
+    """A video file's landmarks, detected and smoothed: (landmarks (T,68,2), found (T,) bool)."""
+    expected = min(frame_count(vid), n or math.inf) if show else 0
+    lms, found = smooth_track(track(decode(vid), n, os.path.basename(vid) if show else None, expected))
+    if not len(lms):
+        raise DataError(f"{vid}: no frames")
+    return lms, found

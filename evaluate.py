@@ -9,7 +9,6 @@ Figures: PIL, written by the small PNG writer below. Pairs are a pure function o
 n, seed): runs on one dataset are scored on the same pairs and compared pair by pair (write_report).
 """
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -167,8 +166,11 @@ def eval_pairs(videos, n, seed=SEED):
     """n (video, source frame, target frame): the paper's setting, two distinct frames of one video.
     Drawn one after another, so the first k of n pairs are the k pairs: figures show metrics' pairs."""
     rng, out = np.random.default_rng(seed), []
+    usable = [i for i, v in enumerate(videos) if len(v["landmarks"]) >= 2]  # a 1-frame video has no pair
+    if not usable:
+        raise DataError(f"no video with 2 frames or more among {[v['name'] for v in videos]}")
     for _ in range(n):
-        v = int(rng.integers(len(videos)))
+        v = usable[int(rng.integers(len(usable)))]
         out.append((v, *(int(i) for i in rng.choice(len(videos[v]["landmarks"]), size=2, replace=False))))
     return out
 
@@ -194,6 +196,8 @@ def flicker_ratio(G, cfg, video, n=FLICKER_FRAMES):
     video's first frame driven by its own next n landmarks; the generated video's mean frame-to-frame
     change over the real video's. 1 = as steady as the real footage, above 1 = flicker."""
     T = min(len(video["landmarks"]), n)
+    if T < 2:  # no frame-to-frame change to compare; metrics drops the nan
+        return math.nan
     gen = networks.generate(G, cfg, np.repeat(np.asarray(video["frames"][:1]), T, 0), video["landmarks"][:T])
     return flicker(gen) / max(flicker(np.asarray(video["frames"][:T])), 1e-6)
 
@@ -288,12 +292,8 @@ def judge_scores(gen, src, src_lm, tgt_lm, k=4):
     source (dlib: < 0.6 = same person). Crops are upsampled k times (dlib wants faces > 80 px) and the
     face box comes from the known landmarks, as dlib's detector misses faces this small."""
     try:
-        import dlib
-        # the model files' folder, found without importing the package: its __init__ needs
-        # pkg_resources, which recent setuptools no longer ship
-        models = os.path.join(importlib.util.find_spec("face_recognition_models").submodule_search_locations[0],
-                              "models")
-    except (ImportError, AttributeError):
+        dlib, models = data.dlib_models()
+    except DataError:
         return None
     predictor = dlib.shape_predictor(os.path.join(models, "shape_predictor_68_face_landmarks.dat"))
     descriptor = dlib.face_recognition_model_v1(os.path.join(models, "dlib_face_recognition_resnet_model_v1.dat"))

@@ -438,6 +438,9 @@ def reenact(args):
     src, drv = data.load_face(args.source, args.source_pts), data.load_driver(args.driver, args.frames)
     relative = not args.absolute and (args.relative or src["who"] != drv["who"])
     lms, T = drv["lms"], len(drv["lms"])
+    if "no_face" in drv:  # a plain video, landmarks detected
+        print(f"{args.driver}: no face found in {drv['no_face']} of {T} frames (they keep the last landmarks)"
+              if drv["no_face"] else f"{args.driver}: a face found in all {T} frames")
     if not 0 <= args.neutral < T:
         raise DataError(f"{args.driver}: --neutral {args.neutral} is not one of its {T} frames")
     # Relative mode frames the driver (and the truth) once, at the neutral frame, as the source is
@@ -471,7 +474,8 @@ def reenact(args):
         for t, f in enumerate(video):
             Image.fromarray(f).save(os.path.join(args.frames_dir, f"{t:05d}.png"))
     mode = "relative" if relative else "absolute"
-    out = {"out": args.out, "frames": T, "mode": mode, "flicker": evaluate.flicker(gen)}
+    out = {"out": args.out, "frames": T, "mode": mode, "flicker": evaluate.flicker(gen),
+           "no_face": drv.get("no_face")}
     if ref is not None:
         out["flicker_ref"] = evaluate.flicker(ref)
         out["flicker_ratio"] = out["flicker"] / out["flicker_ref"] if out["flicker_ref"] else math.nan
@@ -485,11 +489,12 @@ def reenact(args):
 
 def add_reenact_options(p):
     p.add_argument("--ckpt", required=True, help="run folder (runs/NAME) or checkpoint file")
-    p.add_argument("--source", required=True, metavar="FACE", help="an image (+ its .pts beside it or "
-                   "--source-pts), DIR:FRAME of a prepared or 300VW-layout video, or synthetic:ID:FRAME")
+    p.add_argument("--source", required=True, metavar="FACE", help="an image (landmarks: --source-pts, else "
+                   "the .pts beside it, else detected), DIR:FRAME of a video, or synthetic:ID:FRAME")
     p.add_argument("--source-pts", help="the source image's 68 landmarks (.pts)")
-    p.add_argument("--driver", required=True, help="a 300VW-layout or prepared video folder, a landmarks "
-                   ".npy (T x 68 x 2, 0-based pixels), a folder of .pts, or synthetic:ID")
+    p.add_argument("--driver", required=True, help="a video file (landmarks detected), a 300VW-layout or "
+                   "prepared video folder, a landmarks .npy (T x 68 x 2, 0-based pixels), a folder of .pts, "
+                   "or synthetic:ID")
     p.add_argument("--out", required=True, help="the video: .mp4 or .gif")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--absolute", action="store_true",
@@ -553,11 +558,12 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="verb", required=True)
     p_train = sub.add_parser("train", help="train G and D (the paper's run)", description=train.__doc__)
     add_train_options(p_train)
-    p = sub.add_parser("prepare", help="a 300VW-layout folder -> a prepared dataset")
+    p = sub.add_parser("prepare", help="a 300VW-layout folder or a folder of videos -> a prepared dataset")
     p.add_argument("src"), p.add_argument("out")
     p.add_argument("--size", type=data.number(int, 16), default=64, help="crop side in pixels")
     p.add_argument("--crop-scale", type=data.number(float, 0, above=True), default=data.CROP_SCALE, help="crop side / landmark box side")
-    p.add_argument("--split-file", help="JSON {split: [video names]} instead of the official 300VW split")
+    p.add_argument("--split-file", help="JSON {split: [video names]} instead of the official 300VW split "
+                   "(plain videos: instead of holding out the last 20 %% by name as test1)")
     p.add_argument("--workers", type=pos, default=2)
     p = sub.add_parser("synth", help="write the synthetic talking-head videos in 300VW layout")
     p.add_argument("out")

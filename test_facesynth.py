@@ -2,6 +2,7 @@
 import argparse
 import csv
 import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -165,14 +166,14 @@ def test_prepare_good_faulty_and_rerun(tmp_path):
 def test_prepare_split_file_and_params(tmp_path):
     src, out = tmp_path / "raw", tmp_path / "out"
     make_video(src, "001", n_frames=4, n_pts=4)
-    make_video(src, "002", n_frames=4, n_pts=4)
+    make_video(src, "002", n_frames=5, n_pts=5)
     (src / "001" / "params.json").write_text('{"identity": {}, "frames": []}')
     (src / "split.json").write_text(json.dumps({"train": ["001"], "test2": ["002"]}))
-    os.remove(src / "002" / "annot" / "000003.pts")  # a gap: later files must not shift onto earlier frames
+    os.remove(src / "002" / "annot" / "000004.pts")  # a gap: later files must not shift onto earlier frames
     logs = []
     s = data.prepare(src, out, workers=1, log=logs.append)
-    assert s["prepared"] == 2 and s["frames"] == 4 + 2 and (out / "001" / "params.json").exists()
-    assert any("expected 000003.pts, found 000004.pts; using the first 2" in m for m in logs)
+    assert s["prepared"] == 2 and s["frames"] == 4 + 3 and (out / "001" / "params.json").exists()
+    assert any("expected 000004.pts, found 000005.pts; using the first 3" in m for m in logs)
     assert json.loads((out / "split.json").read_text())["test2"] == ["002"]
     assert json.loads((out / "prepare.json").read_text())["synthetic"] is True
     (tmp_path / "my.json").write_text(json.dumps({"test3": ["001", "002"]}))
@@ -181,6 +182,29 @@ def test_prepare_split_file_and_params(tmp_path):
     (tmp_path / "bad.json").write_text("[1, 2")
     with pytest.raises(data.DataError, match="bad.json"):
         data.prepare(src, out, workers=1, split_file=tmp_path / "bad.json", log=lambda m: None)
+
+
+def test_prepare_skips_wild_short_and_unnumbered_videos_and_keeps_the_rest(tmp_path):
+    """Each one is one skip line naming its file; the good video is prepared and split.json written."""
+    src, out = tmp_path / "raw", tmp_path / "out"
+    make_video(src, "001")
+    wild = make_video(src, "002") / "annot" / "000003.pts"  # crop_face would allocate a 1e7 px window
+    wild.write_text(wild.read_text().replace("62.000 41.000", "10000000.000 41.000"))
+    make_video(src, "003", n_frames=2, n_pts=2)
+    make_video(src, "004", n_frames=1, n_pts=5)
+    os.remove(make_video(src, "005") / "annot" / "000001.pts")
+    logs = []
+    s = data.prepare(src, out, workers=1, log=logs.append)
+    vid = lambda name: src / name / "vid.avi"
+    assert sorted(l for l in logs if l.startswith("skip")) == [
+        f"skip 002: {wild}: a landmark lies more than a frame size outside the 128x96 frames of {vid('002')}",
+        f"skip 003: {vid('003')}: only 2 usable frame(s); a training triplet needs 3",
+        f"skip 004: {vid('004')}: only 1 usable frame(s); a training triplet needs 3",
+        f"skip 005: {src / '005' / 'annot' / '000001.pts'}: missing (the annotation of frame 1; the first .pts "
+        f"is 000002.pts)"]
+    assert (s["prepared"], s["skipped"], s["frames"]) == (1, 4, T)
+    assert json.loads((out / "split.json").read_text())["train"] == ["001"]
+    assert np.load(out / "001" / "frames.npy").shape == (T, 64, 64, 3)
 
 
 # ================================================================================================
@@ -841,6 +865,20 @@ def test_pairs_are_deterministic(setup):
     assert all(s != t for _, s, t in evaluate.eval_pairs(videos, 50))
 
 
+def test_one_frame_videos_are_left_out_of_pairs_and_flicker(setup, monkeypatch):
+    """As an older prepare could leave them in a test split: metrics must not crash on them."""
+    monkeypatch.setitem(sys.modules, "dlib", None)  # the judge is not what this tests (and slow)
+    root, runs = setup
+    for f in ("frames.npy", "landmarks.npy"):
+        np.save(root / "000" / f, np.load(root / "000" / f)[:1])
+    _, videos = evaluate.videos_of(str(root))
+    assert [len(v["landmarks"]) for v in videos] == [1, 6, 6]
+    assert {v for v, _, _ in evaluate.eval_pairs(videos, 50)} == {1, 2}
+    m = evaluate.metrics([str(runs[0])], n_pairs=12)
+    assert len(m["runs"][str(runs[0])]["pairs"]["L1"]) == 12
+    assert len(m["runs"][str(runs[0])]["pairs"]["flicker"]) == 2  # the 1-frame video has no flicker
+
+
 def test_metrics_table_with_cis_and_judge_skipped(setup, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "dlib", None)  # as if dlib were not installed
     root, runs = setup
@@ -873,7 +911,8 @@ def test_figures(setup, tmp_path):
             assert im.size == (2 * 380, 280) and len(np.unique(np.asarray(im).reshape(-1, 3), axis=0)) > 5
 
 
-def test_report(tmp_path):
+def test_report(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "dlib", None)  # the face judge (~0.3 s a pair) is tested on its own
     root = make_dataset(tmp_path / "prep")
     groups = {"full": [make_run(tmp_path / "r" / "full" / f"s{s}", root, s) for s in (0, 1)],
               "no_pix": [make_run(tmp_path / "r" / "no_pix" / f"s{s}", root, s + 2, ("pix",)) for s in (0, 1)]}
@@ -1122,12 +1161,36 @@ def test_bad_drivers_name_the_file(ckpt, tmp_path, capsys):
                                                                                str(tmp_path / "flat.npy"))
     os.makedirs(tmp_path / "vw" / "annot")
     assert f"{tmp_path / 'vw' / 'vid.avi'}: missing" in cli_error(capsys, *base, "--driver", str(tmp_path / "vw"))
-    Image.fromarray(face(0)[2][0][0]).save(tmp_path / "me.png")  # an image without its landmarks
-    assert "me.pts: missing" in cli_error(capsys, "--ckpt", ckpt, "--source", str(tmp_path / "me.png"),
-                                          "--driver", "synthetic:1", "--out", str(tmp_path / "o.gif"))
 
 
-def test_ablation_trains_every_group_then_reports_and_skips_finished_runs(blobs, tmp_path, capsys):
+@pytest.fixture
+def no_dlib(monkeypatch):
+    """As if the optional extra were not installed (`import dlib` fails), with no detector cached."""
+    monkeypatch.setitem(sys.modules, "dlib", None)
+    data.landmark_detector.cache_clear()
+    yield
+    data.landmark_detector.cache_clear()
+
+
+def test_bad_sources_name_the_file(ckpt, tmp_path, capsys, no_dlib):
+    base = ["--ckpt", ckpt, "--driver", "synthetic:1", "--out", str(tmp_path / "o.gif"), "--source"]
+    me, pts = tmp_path / "me.png", tmp_path / "me.pts"
+    assert cli_error(capsys, *base, str(me)) == f"error: {me}: no such file\n"
+    me.write_bytes(b"not an image")
+    assert cli_error(capsys, *base, str(me)) == f"error: {me}: not a readable image\n"
+    img, lm = face(0)[2][0]
+    Image.fromarray(img).save(me)  # without its landmarks, and no detector to find them
+    assert cli_error(capsys, *base, str(me)) == (
+        f"error: {me}: no {pts} beside it to give its landmarks, and automatic landmarks need dlib and its "
+        f"models: pip install dlib-bin face-recognition-models\n")
+    lm[30] = (1e7, 40)
+    data.write_pts(pts, lm)
+    assert cli_error(capsys, *base, str(me)) == (
+        f"error: {pts}: a landmark lies more than a frame size outside the 64x64 image {me}\n")
+
+
+def test_ablation_trains_every_group_then_reports_and_skips_finished_runs(blobs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "dlib", None)  # the face judge would score 4 x 200 pairs at ~0.3 s each
     out = str(tmp_path / "abl")
     argv = ["ablation", "--data", blobs, "--out", out, "--seeds", "1", "--steps", "2", *TINY_TRAIN]
     facesynth.main(argv)
@@ -1140,6 +1203,154 @@ def test_ablation_trains_every_group_then_reports_and_skips_finished_runs(blobs,
     capsys.readouterr()
     facesynth.main(argv)  # a second call trains nothing
     assert capsys.readouterr().out.count("finished, skipped") == len(facesynth.GROUP_RUNS)
+
+
+# ================================================================================================
+# automatic landmarks: the optional dlib detector, tracking, smoothing, plain videos
+# ================================================================================================
+needs_dlib = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("dlib", "face_recognition_models", "skimage")),
+    reason="optional extra not installed: pip install dlib-bin face-recognition-models scikit-image")
+# A real face: scikit-image's astronaut (Eileen Collins, NASA, public domain), cropped to her head
+# (192 px, the face ~92 px), moved across a grey 320 x 240 canvas along a known path.
+CLIP_H, CLIP_W, CLIP_T = 240, 320, 12
+PATH = np.stack([16 + 8 * np.arange(CLIP_T), 8 + np.round(32 * np.sin(np.pi * np.arange(CLIP_T) / (CLIP_T - 1)))],
+                1).astype(int)
+
+
+@pytest.fixture(scope="module")
+def astronaut():
+    from skimage.data import astronaut
+    return astronaut()[36:228, 129:321]
+
+
+def clip(path, head, path_xy=PATH, blank=(), noise=0):
+    """Write the head moved along path_xy as a video (.mp4 or .gif); frames in `blank` have no face."""
+    rng, frames = np.random.default_rng(0), []
+    for t, (x, y) in enumerate(path_xy):
+        f = np.full((CLIP_H, CLIP_W, 3), 128, np.uint8)
+        if t not in blank:
+            f[y:y + head.shape[0], x:x + head.shape[1]] = head
+        frames.append(np.clip(f + rng.normal(0, noise, f.shape), 0, 255).astype(np.uint8) if noise else f)
+    if str(path).endswith(".gif"):
+        imageio.v3.imwrite(path, frames, duration=40, loop=0)
+    else:
+        imageio.mimwrite(path, frames, fps=25, codec="libx264", quality=8, macro_block_size=16)
+    return str(path)
+
+
+def test_smoothing_removes_jitter_keeps_motion_and_blinks_and_fills_gaps():
+    face = face_points() * 2  # ~80 px
+    jitter = lambda l: np.linalg.norm(np.diff(l, axis=0), axis=-1).mean()
+    still = (face + np.random.default_rng(0).normal(0, 0.5, (40, 68, 2))).astype(np.float32)
+    smooth, found = data.smooth_track(still)
+    assert found.all() and jitter(smooth) < jitter(still) / 4
+    pan = (face + np.arange(40)[:, None, None] * np.float32([2, -1])).astype(np.float32)
+    np.testing.assert_allclose(data.smooth_track(pan)[0], pan, atol=0.01)  # no lag, at the ends neither
+    blink = np.repeat(face[None], 40, 0)
+    blink[18:21, 37:42, 1] += np.float32([2, 4, 2])[:, None]  # the upper lid, down 4 px and up in 3 frames
+    assert (data.smooth_track(blink)[0][18:21, 37:42, 1] - face[37:42, 1]).max(0).min() > 0.6 * 4
+    gaps = pan.copy()
+    gaps[[0, 1, 10, 11]] = np.nan  # no face there
+    smooth, found = data.smooth_track(gaps)
+    assert found.tolist() == [t not in (0, 1, 10, 11) for t in range(40)]
+    for t, last in ((0, 2), (1, 2), (10, 9), (11, 9)):  # the last landmarks (the first before any)
+        np.testing.assert_array_equal(smooth[t], smooth[last])
+    np.testing.assert_allclose(smooth[12:], pan[12:], atol=0.01)  # a run after a gap is smoothed on its own
+
+
+def test_without_dlib_every_detector_feature_says_what_to_install(tmp_path, capsys, no_dlib):
+    hint = "automatic landmarks need dlib and its models: pip install dlib-bin face-recognition-models"
+    os.makedirs(tmp_path / "videos")
+    vid = clip(tmp_path / "videos" / "a.mp4", np.zeros((8, 8, 3), np.uint8), PATH[:3])
+    with pytest.raises(data.DataError) as e:
+        data.load_driver(vid)
+    assert str(e.value) == f"{vid}: a plain video has no landmarks to read, and {hint}"
+    with pytest.raises(SystemExit) as e:
+        facesynth.main(["prepare", str(tmp_path / "videos"), str(tmp_path / "out")])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"error: {tmp_path / 'videos'}: its 1 plain video(s) have no landmarks to read, and {hint}\n")
+    assert not (tmp_path / "out").exists()  # stopped before any work
+    assert evaluate.judge_scores(None, None, None, None) is None  # the judge skips, as before
+
+
+@needs_dlib
+@pytest.mark.parametrize("ext", ["mp4", "gif"])
+def test_detected_landmarks_follow_a_known_motion(astronaut, tmp_path, ext):
+    vid = clip(tmp_path / f"clip.{ext}", astronaut)
+    raw = data.track(data.decode(vid))
+    lms, found = data.detect_video(vid)
+    assert found.all() and lms.shape == (CLIP_T, 68, 2) and lms.dtype == np.float32
+    for l in (raw, lms):
+        moved = l.mean(1) - l[0].mean(0)  # the face's motion since frame 0, from its 68 points
+        assert np.abs(moved - (PATH - PATH[0])).max() < 1.0
+        rigid = l - PATH[:, None]  # every point moves with the head: one shape in the head's frame
+        assert np.abs(rigid - rigid.mean(0)).max() < 3.0
+    # iBUG-68 order: the subject's right eye's outer corner (36) is at the image left of the left eye's
+    # (45), 60 px apart in this head; the eyes above the nose tip (30) above the mouth (48-67).
+    assert 50 < lms[0, 45, 0] - lms[0, 36, 0] < 70
+    assert lms[0, 36:48, 1].mean() < lms[0, 30, 1] < lms[0, 48:68, 1].mean()
+
+
+@needs_dlib
+def test_smoothing_removes_detection_jitter_on_a_still_noisy_face(astronaut, tmp_path):
+    vid = clip(tmp_path / "still.mp4", astronaut, [PATH[0]] * CLIP_T, noise=4)
+    raw = data.track(data.decode(vid))
+    jitter = lambda l: np.linalg.norm(np.diff(l, axis=0), axis=-1).mean()
+    assert jitter(raw) > 0.2 and jitter(data.smooth_track(raw)[0]) < jitter(raw) / 3
+
+
+@needs_dlib
+def test_a_frame_without_a_face_keeps_the_last_landmarks_and_is_counted(astronaut, tmp_path):
+    drv = data.load_driver(clip(tmp_path / "gaps.mp4", astronaut, blank=(0, 5)))
+    assert drv["no_face"] == 2 and len(drv["lms"]) == CLIP_T
+    np.testing.assert_array_equal(drv["lms"][0], drv["lms"][1])  # before the first face: the first
+    np.testing.assert_array_equal(drv["lms"][5], drv["lms"][4])
+    assert sum(1 for _ in drv["frames"]) == CLIP_T  # the panel's frames, decoded again
+
+
+@needs_dlib
+def test_prepare_plain_videos_then_train(astronaut, tmp_path):
+    src, out, run_dir = tmp_path / "videos", tmp_path / "prep", str(tmp_path / "run")
+    os.makedirs(src)
+    clip(src / "a.mp4", astronaut)
+    clip(src / "b.mp4", astronaut, PATH[::-1])
+    clip(src / "c.gif", astronaut, blank=(4,))
+    clip(src / "d.mp4", astronaut, PATH[:4], blank=range(4))  # nobody in it
+    shutil.copy(src / "a.mp4", src / "a.mpg")  # the name a is a.mp4's, the first by file name
+    (src / "notes.txt").write_text("not a video")
+    logs = []
+    s = data.prepare(src, out, size=32, workers=2, log=logs.append)
+    assert sorted(logs[:-1]) == sorted([
+        "skip a.mpg: the name a is already a.mp4's (rename one)",
+        f"c: {src / 'c.gif'}: no face found in 1 of 12 frames; those are left out",
+        f"skip d.mp4: {src / 'd.mp4'}: no face found in its 4 frames",
+        "split: no --split-file; 1 of the 3 plain videos held out as test1 (the last by name: c)"])
+    assert (s["prepared"], s["skipped"], s["frames"]) == (3, 2, 2 * CLIP_T + CLIP_T - 1)
+    assert json.loads((out / "split.json").read_text()) == {"train": ["a", "b"], "test1": ["c"], "test2": [],
+                                                              "test3": []}
+    for name, n in (("a", CLIP_T), ("b", CLIP_T), ("c", CLIP_T - 1)):
+        frames, lms = np.load(out / name / "frames.npy"), np.load(out / name / "landmarks.npy")
+        assert frames.shape == (n, 32, 32, 3) and frames.dtype == np.uint8
+        assert lms.shape == (n, 68, 2) and lms.dtype == np.float32
+        # The crop follows the head: it moves 8 px a frame on the canvas, but hardly in the crops.
+        assert np.abs(frames.astype(int) - frames[:1]).mean() < 4 and np.ptp(lms, 0).max() < 1.5
+    run_train("--data", str(out), "--out", run_dir, "--steps", "2", "--log-every", "1")
+    assert torch.load(os.path.join(run_dir, "ckpt.pt"))["step"] == 2
+
+
+@needs_dlib
+def test_reenact_own_image_and_video_without_landmark_files(ckpt, astronaut, tmp_path, capsys):
+    Image.fromarray(astronaut).save(tmp_path / "me.png")
+    vid = clip(tmp_path / "clip.mp4", astronaut, blank=(7,))
+    res = run(ckpt, "--source", str(tmp_path / "me.png"), "--driver", vid, "--out", str(tmp_path / "o.mp4"))
+    assert res["frames"] == CLIP_T and res["mode"] == "relative" and res["no_face"] == 1
+    assert f"{vid}: no face found in 1 of {CLIP_T} frames (they keep the last landmarks)" in capsys.readouterr().out
+    with imageio.v2.get_reader(tmp_path / "o.mp4", "ffmpeg") as r:
+        assert np.stack([f for f in r]).shape[:3] == (CLIP_T, SIZE, 3 * SIZE)  # driver | landmarks | generated
+    # The source's landmarks, detected on the head alone, are the driver's first ones less the offset.
+    src = data.load_face(str(tmp_path / "me.png"))["lm"]
+    assert np.abs(src - (data.load_driver(vid)["lms"][0] - PATH[0])).max() < 3.0
 
 
 # ================================================================================================
