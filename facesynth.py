@@ -423,66 +423,46 @@ def ablation(args):
 # The paper needs the target *image* (its landmarks come from it); real use has only a driver's
 # landmarks. Here any landmark sequence drives a source face, frame by frame.
 REENACT_FPS = 25
+REENACT_HEIGHT = 256  # without --zoom, panels are enlarged to about this many pixels
 
 
 def reenact(args):
     """The `reenact` command (args: its argparse Namespace). Returns a summary dict."""
     if os.path.splitext(args.out)[1].lower() not in (".mp4", ".gif"):
         raise DataError(f"{args.out}: the output must be a .mp4 or .gif")
-    if args.frames is not None and args.frames < 1:
-        raise DataError(f"--frames {args.frames}: at least 1 frame")
     G, cfg = networks.load_generator(args.ckpt, networks.pick_device(args.device))
-    size, root, crop_scale = cfg["args"]["size"], cfg["args"].get("data"), data.CROP_SCALE
+    root, crop_scale = cfg["args"].get("data"), data.CROP_SCALE
     if root and os.path.isfile(os.path.join(root, "prepare.json")):  # crop as the training set was cropped
-        crop_scale = json.load(open(os.path.join(root, "prepare.json"))).get("crop_scale", crop_scale)
+        crop_scale = data.read_prepared(root).get("crop_scale", crop_scale)
     src, drv = data.load_face(args.source, args.source_pts), data.load_driver(args.driver, args.frames)
     relative = not args.absolute and (args.relative or src["who"] != drv["who"])
-    lms, T = drv["lms"], len(drv["lms"])
+    T = len(drv["lms"])
     if "no_face" in drv:  # a plain video, landmarks detected
         print(f"{args.driver}: no face found in {drv['no_face']} of {T} frames (they keep the last landmarks)"
               if drv["no_face"] else f"{args.driver}: a face found in all {T} frames")
     if not 0 <= args.neutral < T:
         raise DataError(f"{args.driver}: --neutral {args.neutral} is not one of its {T} frames")
-    # Relative mode frames the driver (and the truth) once, at the neutral frame, as the source is
-    # framed once: the head moves in its crop as in the generated one. Absolute: each frame its own crop.
-    box = lambda l, t: l[args.neutral] if relative else l[t]
-    src_crop, src_uv = data.crop_face(src["image"], src["lm"], size, crop_scale)
-    panels = []
-    if drv["frames"] is not None:
-        panels = [data.crop_face(np.asarray(f), box(lms, t), size, crop_scale)[0]
-                  for t, f in zip(range(T), drv["frames"])]  # range first: zip stops before decoding more
-        if len(panels) < T:
-            print(f"note: {args.driver}: {len(panels)} frames for {T} landmark sets; using the first {len(panels)}")
-            T = len(panels)
-    cond = data.condition(src_uv, lms, size, crop_scale, relative, args.neutral)[:T]
-    gen = networks.generate(G, cfg, np.repeat(src_crop[None], T, 0), cond, label="reenact")
-    a = cfg["args"]
-    seen = np.concatenate([data.to_uint8(data.heatmap_picture(torch.as_tensor(cond[i:i + 64]), size, a["sigma"], a["window"]))
-                           for i in range(0, T, 64)])  # the landmarks G got, as a picture
-    ref, ref_name = (np.stack(panels), "driver") if panels else (None, None)
-    if src.get("identity") and drv["motion"]:  # synthetic: the source identity really doing the motion
-        truth = [data.render_face(src["identity"], p, e) for p, e in drv["motion"][:T]]
-        gt_lms = np.stack([lm for _, lm in truth])
-        ref = np.stack([data.crop_face(im, box(gt_lms, t), size, crop_scale)[0] for t, (im, _) in enumerate(truth)])
-        ref_name = "ground truth"
-    video = np.concatenate(([np.stack(panels)] if panels else []) + [seen, gen], axis=2)
-    video = video.repeat(args.zoom, 1).repeat(args.zoom, 2)
+    p = networks.reenact(G, cfg, src, drv, relative, args.neutral, crop_scale)
+    names = [k for k in ("source", "driver", "landmarks", "generated") if k in p]
+    zoom = args.zoom or max(1, REENACT_HEIGHT // cfg["args"]["size"])  # 64-px panels are too small to see
+    video = np.concatenate([p[k] for k in names], axis=2).repeat(zoom, 1).repeat(zoom, 2)
     data.write_video(args.out, video, args.fps)
     if args.frames_dir:
         from PIL import Image
         os.makedirs(args.frames_dir, exist_ok=True)
         for t, f in enumerate(video):
             Image.fromarray(f).save(os.path.join(args.frames_dir, f"{t:05d}.png"))
-    mode = "relative" if relative else "absolute"
-    out = {"out": args.out, "frames": T, "mode": mode, "flicker": evaluate.flicker(gen),
+    mode, gen = "relative" if relative else "absolute", p["generated"]
+    out = {"out": args.out, "frames": len(gen), "mode": mode, "flicker": evaluate.flicker(gen),
            "no_face": drv.get("no_face")}
-    if ref is not None:
-        out["flicker_ref"] = evaluate.flicker(ref)
+    print(f"wrote {args.out} ({len(gen)} frames, {mode} retargeting; panels: {' | '.join(names)})"
+          + (f", PNGs in {args.frames_dir}/" if args.frames_dir else ""))
+    vs = ""
+    if "reference" in p:
+        out["flicker_ref"] = evaluate.flicker(p["reference"])
         out["flicker_ratio"] = out["flicker"] / out["flicker_ref"] if out["flicker_ref"] else math.nan
-    print(f"wrote {args.out} ({T} frames, {mode} retargeting; panels: {'driver | ' if panels else ''}landmarks G "
-          f"gets | generated)" + (f", PNGs in {args.frames_dir}/" if args.frames_dir else ""))
-    vs = (f", {ref_name} {out['flicker_ref']:.2f}, ratio {out['flicker_ratio']:.2f} (1 = as steady as the "
-          f"{ref_name})") if ref is not None else ""
+        vs = (f", {p['reference_name']} {out['flicker_ref']:.2f}, ratio {out['flicker_ratio']:.2f} (1 = as steady "
+              f"as the {p['reference_name']})")
     print(f"flicker (mean |frame-to-frame change| of 255): generated {out['flicker']:.2f}{vs}")
     return out
 
@@ -501,10 +481,13 @@ def add_reenact_options(p):
                       help="the driver's landmarks as they are (the paper's setting; default for the same person)")
     mode.add_argument("--relative", action="store_true",
                       help="the source's landmarks moved by the driver's motion (default for different people)")
-    p.add_argument("--neutral", type=int, default=0, help="driver frame whose expression is the source's (relative)")
-    p.add_argument("--frames", type=int, help=f"use the first N driver frames (synthetic: default {data.REENACT_FRAMES})")
-    p.add_argument("--fps", type=float, default=REENACT_FPS)
-    p.add_argument("--zoom", type=int, default=1, help="enlarge the panels K times (nearest neighbour)")
+    p.add_argument("--neutral", type=data.number(int, 0), default=0,
+                   help="driver frame whose expression is the source's (relative)")
+    p.add_argument("--frames", type=data.number(), help=f"use the first N driver frames (synthetic: default "
+                   f"{data.REENACT_FRAMES})")
+    p.add_argument("--fps", type=data.number(float, 0, above=True), default=REENACT_FPS)
+    p.add_argument("--zoom", type=data.number(), help=f"enlarge the panels K times, nearest neighbour (default: "
+                   f"to about {REENACT_HEIGHT} px high)")
     p.add_argument("--frames-dir", help="also write every frame as a PNG into this folder")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
 

@@ -330,3 +330,41 @@ def generate(G, cfg, src, lm, batch=32, label=None):
         if label:
             progress(label, i + len(e), len(src), t0)
     return np.concatenate(out)
+
+
+@torch.no_grad()
+def reenact(G, cfg, src, drv, relative, neutral=0, crop_scale=None):
+    """Generation for a whole driver: the source face (data.load_face) given every frame's landmarks of
+    the driver (data.load_driver). Returns the frames (T,S,S,3) of each panel, uint8: "source" (its
+    crop), "driver" (its frames, when it has any), "landmarks" (what G is given, as a picture),
+    "generated", and "reference" with its "reference_name": a video of the same motion to measure
+    flicker against (the driver, or on the synthetic set the source identity rendered doing it)."""
+    a = cfg["args"]
+    size, crop_scale = a["size"], crop_scale or data.CROP_SCALE
+    lms, T = drv["lms"], len(drv["lms"])
+    # Relative mode frames the driver (and the truth) once, at the neutral frame, as the source is
+    # framed once: the head moves in its crop as in the generated one. Absolute: each frame its own crop.
+    box = lambda l, t: l[neutral] if relative else l[t]
+    src_crop, src_uv = data.crop_face(src["image"], src["lm"], size, crop_scale)
+    out = {}
+    if drv["frames"] is not None:
+        driver = [data.crop_face(np.asarray(f), box(lms, t), size, crop_scale)[0]
+                  for t, f in zip(range(T), drv["frames"])]  # range first: zip stops before decoding more
+        if len(driver) < T:
+            print(f"note: {len(driver)} driver frames for {T} landmark sets; using the first {len(driver)}")
+            T = len(driver)
+        out["driver"] = out["reference"] = np.stack(driver)
+        out["reference_name"] = "driver"
+    cond = data.condition(src_uv, lms, size, crop_scale, relative, neutral)[:T]
+    out["source"] = np.repeat(src_crop[None], T, 0)
+    out["landmarks"] = np.concatenate([data.to_uint8(data.heatmap_picture(torch.as_tensor(cond[i:i + 64]), size,
+                                                                         a["sigma"], a["window"]))
+                                       for i in range(0, T, 64)])
+    out["generated"] = generate(G, cfg, out["source"], cond, label="reenact")
+    if src.get("identity") and drv["motion"]:  # synthetic: the source identity really doing the motion
+        truth = [data.render_face(src["identity"], p, e) for p, e in drv["motion"][:T]]
+        gt_lms = np.stack([lm for _, lm in truth])
+        out["reference"] = np.stack([data.crop_face(im, box(gt_lms, t), size, crop_scale)[0]
+                                     for t, (im, _) in enumerate(truth)])
+        out["reference_name"] = "ground truth"
+    return out

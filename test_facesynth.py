@@ -1108,8 +1108,11 @@ def test_synthetic_video_reads_back(ckpt, tmp_path, ext):
     else:
         with imageio.v2.get_reader(out, "ffmpeg") as r:
             frames = np.stack([f for f in r])  # not list(r): it asks len(), which ffmpeg gives as inf
-    assert frames.shape[:3] == (6, SIZE, 3 * SIZE)  # driver | landmarks | generated
+    assert frames.shape[:3] == (6, 256, 4 * 256)  # source | driver | landmarks | generated, zoomed to 256 px
     assert sorted(os.listdir(pngs)) == [f"{t:05d}.png" for t in range(6)]
+    first, last = (np.asarray(Image.open(os.path.join(pngs, f"{t:05d}.png"))) for t in (0, 5))
+    assert np.array_equal(first[:, :256], last[:, :256]) and first[:, :256].std() > 10  # the source face, still
+    assert not np.array_equal(first[:, 256:512], last[:, 256:512])  # the driver moves
 
 
 def test_image_source_and_landmarks_only_driver(ckpt, tmp_path):
@@ -1120,7 +1123,7 @@ def test_image_source_and_landmarks_only_driver(ckpt, tmp_path):
     res = run(ckpt, "--source", str(tmp_path / "me.png"), "--driver", str(tmp_path / "drv.npy"),
               "--out", str(tmp_path / "o.gif"), "--zoom", "2")
     assert res["mode"] == "relative" and "flicker_ref" not in res
-    assert imageio.v3.imread(tmp_path / "o.gif", index=None).shape[:3] == (8, 2 * SIZE, 2 * 2 * SIZE)
+    assert imageio.v3.imread(tmp_path / "o.gif", index=None).shape[:3] == (8, 2 * SIZE, 2 * 3 * SIZE)  # no driver frames
 
 
 def test_prepared_and_300vw_drivers(ckpt, tmp_path):
@@ -1347,7 +1350,7 @@ def test_reenact_own_image_and_video_without_landmark_files(ckpt, astronaut, tmp
     assert res["frames"] == CLIP_T and res["mode"] == "relative" and res["no_face"] == 1
     assert f"{vid}: no face found in 1 of {CLIP_T} frames (they keep the last landmarks)" in capsys.readouterr().out
     with imageio.v2.get_reader(tmp_path / "o.mp4", "ffmpeg") as r:
-        assert np.stack([f for f in r]).shape[:3] == (CLIP_T, SIZE, 3 * SIZE)  # driver | landmarks | generated
+        assert np.stack([f for f in r]).shape[:3] == (CLIP_T, 256, 4 * 256)  # source | driver | landmarks | generated
     # The source's landmarks, detected on the head alone, are the driver's first ones less the offset.
     src = data.load_face(str(tmp_path / "me.png"))["lm"]
     assert np.abs(src - (data.load_driver(vid)["lms"][0] - PATH[0])).max() < 3.0
