@@ -280,13 +280,52 @@ def test_talking_motion_ranges_and_smoothness():
 
 
 def test_ensure_synthetic_builds_once_then_reuses(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "synth", functools.partial(data.synth, n_videos=(2, 1, 1, 1), size=128, workers=1))
-    root = data.ensure_synthetic(str(tmp_path / "cache"), n_frames=3, log=lambda *_: None)
+    tiny = dict(n_frames=3, n_videos=(2, 1, 1, 1), raw_size=96, size=32, workers=1, log=lambda *_: None)
+    root = data.ensure_synthetic(str(tmp_path / "cache"), **tiny)
     split = json.load(open(os.path.join(root, "split.json")))
     assert [len(split[k]) for k in ("train", "test1", "test2", "test3")] == [2, 1, 1, 1]
     assert os.path.isfile(os.path.join(root, "001", "params.json"))
-    monkeypatch.setattr(data, "synth", lambda *a, **k: pytest.fail("regenerated a cached set"))
-    assert data.ensure_synthetic(str(tmp_path / "cache"), n_frames=3, log=lambda *_: None) == root
+    monkeypatch.setattr(data, "_synth_prepared", lambda *a, **k: pytest.fail("regenerated a cached set"))
+    assert data.ensure_synthetic(str(tmp_path / "cache"), **tiny) == root
+    # an interrupted build (no split.json yet) is resumed: only the missing video is rendered
+    os.remove(os.path.join(root, "split.json"))
+    shutil.rmtree(os.path.join(root, "004"))
+    rendered = []
+    monkeypatch.setattr(data, "_synth_prepared", lambda job: rendered.append(job[1]) or 0)
+    data.ensure_synthetic(str(tmp_path / "cache"), **tiny)
+    assert rendered == [3] and json.load(open(os.path.join(root, "split.json"))) == split
+
+
+def test_ensure_synthetic_needs_no_ffmpeg_and_matches_synth_then_prepare(tmp_path, monkeypatch):
+    """The GPU machines have no imageio-ffmpeg: the default set is rendered straight into the prepared
+    layout. It must be the set that synth (300VW-layout videos) + prepare make, less the video coding."""
+    with monkeypatch.context() as m:  # importing either would fail now
+        m.setitem(sys.modules, "imageio_ffmpeg", None)
+        m.setitem(sys.modules, "imageio", None)
+        direct = data.ensure_synthetic(str(tmp_path / "cache"), seed=2, n_frames=4, n_videos=(2, 1, 1, 1), raw_size=96,
+                                       size=32, workers=2, log=lambda *_: None)
+    data.synth(str(tmp_path / "raw"), seed=2, n_frames=4, n_videos=(2, 1, 1, 1), size=96, workers=1, log=lambda *_: None)
+    data.prepare(str(tmp_path / "raw"), str(tmp_path / "prep"), size=32, workers=1, log=lambda *_: None)
+    via = str(tmp_path / "prep")
+    assert json.load(open(os.path.join(direct, "prepare.json"))) == {
+        "size": 32, "crop_scale": data.CROP_SCALE, "source": "synthetic, seed 2", "synthetic": True, "raw_size": 96}
+    assert json.load(open(os.path.join(direct, "split.json"))) == json.load(open(os.path.join(via, "split.json")))
+    for name in ("001", "005"):
+        load = lambda root, f: np.load(os.path.join(root, name, f))
+        assert json.load(open(os.path.join(direct, name, "params.json"))) == json.load(open(os.path.join(via, name, "params.json")))
+        assert np.abs(load(direct, "landmarks.npy") - load(via, "landmarks.npy")).max() < 2e-3  # .pts keep 3 decimals
+        frames = load(direct, "frames.npy").astype(int)
+        assert frames.shape == (4, 32, 32, 3) and np.abs(frames - load(via, "frames.npy")).mean() < 4  # x264's loss
+    # and frame by frame: the landmarks of the frame re-rendered from params.json, mapped into the crop by
+    # hand (a square of 1.8 x the landmarks' larger extent around their box's centre, resized to 32 px)
+    params = json.load(open(os.path.join(direct, "002", "params.json")))
+    frames, lms = np.load(os.path.join(direct, "002", "frames.npy")), np.load(os.path.join(direct, "002", "landmarks.npy"))
+    for t, f in enumerate(params["frames"]):
+        img, lm = data.render_face(params["identity"], f["pose"], f["expression"], 96)
+        side = 1.8 * (lm.max(0) - lm.min(0)).max()
+        corner = (lm.max(0) + lm.min(0)) / 2 - side / 2  # the square's top-left, where pixel i's centre is at i
+        assert np.allclose(lms[t], (lm - corner) * 32 / side - 0.5, atol=1e-3)  # crop pixel u's centre: u + 0.5 in
+        assert np.abs(frames[t].astype(int) - data.crop_face(img, lm, 32)[0]).max() <= 1
 
 
 # ================================================================================================
