@@ -205,10 +205,26 @@ def outside(lms, shape):
     return ((lms < -size) | (lms > 2 * size)).any((-1, -2))
 
 
+def _save_prepared(out, name, frames, marks, params=None):
+    """One prepared video -> OUT/NAME (frames.npy, landmarks.npy and, for synthetic videos,
+    params.json). Written to a temp folder and renamed: an interrupted run leaves no half video that
+    looks finished, and a re-run can keep every folder it finds."""
+    import shutil
+    tmp, final = os.path.join(out, f".{name}.tmp"), os.path.join(out, name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    np.save(os.path.join(tmp, "frames.npy"), np.stack(frames))
+    np.save(os.path.join(tmp, "landmarks.npy"), np.stack(marks))
+    if params is not None:
+        with open(os.path.join(tmp, "params.json"), "w") as f:
+            json.dump(params, f)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
 def _prepare_video(vdir, out, size, crop_scale):
     """One raw video -> OUT/NAME; returns (frames, warning lines) or raises DataError. A 300VW folder
     brings its landmarks (annot/*.pts); a plain video file NAME.mp4 (...) gets them from the detector."""
-    import shutil
     warn = []
     if os.path.isfile(vdir):
         name, vid = os.path.splitext(os.path.basename(vdir))[0], vdir
@@ -250,16 +266,13 @@ def _prepare_video(vdir, out, size, crop_scale):
         warn.append(f"{name}: {vid} has {t} frames for {len(lms)} .pts files; using the first {t}")
     if len(frames) < MIN_FRAMES:  # sample_triplets could not use it, and evaluation pairs need two
         raise DataError(f"{vid}: only {len(frames)} usable frame(s); a training triplet needs {MIN_FRAMES}")
-    # Write to a temp folder and rename: an interrupted run leaves no half video that looks finished.
-    tmp, final = os.path.join(out, f".{name}.tmp"), os.path.join(out, name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    np.save(os.path.join(tmp, "frames.npy"), np.stack(frames))
-    np.save(os.path.join(tmp, "landmarks.npy"), np.stack(marks))
-    if os.path.isfile(os.path.join(vdir, "params.json")):
-        shutil.copyfile(os.path.join(vdir, "params.json"), os.path.join(tmp, "params.json"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    params = None
+    if os.path.isfile(os.path.join(vdir, "params.json")):  # a synthetic video's identity and motion
+        try:
+            params = json.load(open(os.path.join(vdir, "params.json")))
+        except ValueError:
+            raise DataError(f"{os.path.join(vdir, 'params.json')}: not JSON") from None
+    _save_prepared(out, name, frames, marks, params)
     return len(frames), warn
 
 
@@ -564,15 +577,43 @@ def render_face(identity, pose, expression, size=SYNTH_SIZE):
     return image, ((p + .5) / SUPERSAMPLE - .5).astype(np.float32)
 
 
+def _synth_plan(seed, index, n_frames):
+    """Video `index`'s identity, motion and params.json: a pure function of (seed, index), so the videos
+    can render in any order, in any process."""
+    rng = np.random.default_rng([seed, index])
+    identity, motion = random_identity(rng), talking_motion(rng, n_frames)
+    return identity, motion, {"identity": identity, "frames": [{"pose": p, "expression": e} for p, e in motion]}
+
+
+def _synth_names(n_videos):
+    """Video names 001, 002, ... and the split: the first n_videos[0] train, then test1, test2, test3."""
+    if sum(n_videos) > 999:
+        raise DataError(f"at most 999 synthetic videos (3-digit names), asked for {sum(n_videos)}")
+    ends = np.cumsum(n_videos).tolist()
+    names = [f"{i + 1:03d}" for i in range(ends[-1])]
+    return names, {k: names[a:b] for k, a, b in zip(("train", "test1", "test2", "test3"), [0] + ends[:-1], ends)}
+
+
+def _render_all(worker, jobs, n_frames, workers):
+    """Run a per-video worker over jobs on `workers` processes, with a progress line."""
+    import contextlib
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+    t0, done = time.time(), 0
+    with ProcessPoolExecutor(workers) if workers > 1 and len(jobs) > 1 else contextlib.nullcontext() as pool:
+        for k, n in enumerate((pool.map if pool else map)(worker, jobs)):
+            done += n
+            progress("synth", done, len(jobs) * n_frames, t0, extra=f"video {k + 1}/{len(jobs)}")
+
+
 def _synth_video(job):
-    """Render one video into .NNN.tmp and rename it when complete, so a re-run skips finished ones
-    (and prepare, which ignores dot-folders, never sees a half-written one)."""
+    """Render one video in 300VW layout into .NNN.tmp and rename it when complete, so a re-run skips
+    finished ones (and prepare, which ignores dot-folders, never sees a half-written one)."""
     import imageio
     import shutil
     out, index, n_frames, size, seed = job
     name = f"{index + 1:03d}"
-    rng = np.random.default_rng([seed, index])  # per video, so the videos can render in any order
-    identity, motion = random_identity(rng), talking_motion(rng, n_frames)
+    identity, motion, params = _synth_plan(seed, index, n_frames)
     tmp = os.path.join(out, f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, "annot"))
@@ -583,47 +624,61 @@ def _synth_video(job):
             video.append_data(frame)
             write_pts(os.path.join(tmp, "annot", f"{t + 1:06d}.pts"), landmarks)
     with open(os.path.join(tmp, "params.json"), "w") as f:
-        json.dump({"identity": identity, "frames": [{"pose": p, "expression": e} for p, e in motion]}, f)
+        json.dump(params, f)
     os.rename(tmp, os.path.join(out, name))
+    return n_frames
+
+
+def _synth_prepared(job):
+    """Render one video straight into the prepared layout: what prepare makes of _synth_video's output,
+    minus the video coding, as every frame is cut by THE crop around its exact landmarks."""
+    out, index, n_frames, raw_size, size, crop_scale, seed = job
+    identity, motion, params = _synth_plan(seed, index, n_frames)
+    crops = [crop_face(*render_face(identity, pose, expression, raw_size), size, crop_scale)
+             for pose, expression in motion]
+    _save_prepared(out, f"{index + 1:03d}", *zip(*crops), params=params)
     return n_frames
 
 
 def synth(out, n_videos=SYNTH_VIDEOS, n_frames=SYNTH_FRAMES, size=SYNTH_SIZE, seed=0, workers=2, log=print):
     """The synthetic set in the raw 300VW layout (NNN/vid.avi, NNN/annot/*.pts) plus NNN/params.json and
     split.json. One new identity per video, so no test identity is seen in training."""
-    import contextlib
-    import time
-    from concurrent.futures import ProcessPoolExecutor
     if size % 2:
         raise DataError(f"{out}: synth size must be even for yuv420p video, got {size}")
-    if sum(n_videos) > 999:
-        raise DataError(f"{out}: at most 999 videos (3-digit names), asked for {sum(n_videos)}")
+    names, split = _synth_names(n_videos)
     os.makedirs(out, exist_ok=True)
-    ends = np.cumsum(n_videos).tolist()
-    names = [f"{i + 1:03d}" for i in range(ends[-1])]
-    split = {k: names[a:b] for k, a, b in zip(("train", "test1", "test2", "test3"), [0] + ends[:-1], ends)}
     todo = [(out, i, n_frames, size, seed) for i, name in enumerate(names)
             if not os.path.isdir(os.path.join(out, name))]  # finished videos are kept
     log(f"synth: {len(todo)} of {len(names)} videos to render into {out} ({n_frames} frames, {size} px)")
-    t0, done = time.time(), 0
-    with ProcessPoolExecutor(workers) if workers > 1 and len(todo) > 1 else contextlib.nullcontext() as pool:
-        for k, n in enumerate((pool.map if pool else map)(_synth_video, todo)):
-            done += n
-            progress("synth", done, len(todo) * n_frames, t0, extra=f"video {k + 1}/{len(todo)}")
+    _render_all(_synth_video, todo, n_frames, workers)
     with open(os.path.join(out, "split.json"), "w") as f:
         json.dump(split, f, indent=1)
     return split
 
 
-def ensure_synthetic(cache=SYNTH_CACHE, seed=0, n_frames=SYNTH_FRAMES, log=print):
-    """The default training data: synthesised and prepared into `cache` once, reused afterwards."""
+def ensure_synthetic(cache=SYNTH_CACHE, seed=0, n_frames=SYNTH_FRAMES, n_videos=SYNTH_VIDEOS, raw_size=SYNTH_SIZE,
+                     size=64, crop_scale=CROP_SCALE, workers=None, log=print):
+    """The default training data, built once into CACHE/prepared and reused afterwards. The frames are
+    rendered and cropped straight into the prepared layout on every core (`workers`, default all): no
+    video files, so no ffmpeg. synth + prepare make the same set through videos. Re-runnable: finished
+    videos are kept, and split.json, written last, marks a finished set."""
     prepared = os.path.join(cache, "prepared")
     if os.path.exists(os.path.join(prepared, "split.json")):
         log(f"using the synthetic set in {prepared} (delete it to regenerate)")
         return prepared
-    raw = os.path.join(cache, "raw")
-    synth(raw, n_frames=n_frames, seed=seed, log=log)
-    prepare(raw, prepared, split_file=os.path.join(raw, "split.json"), log=log)
+    names, split = _synth_names(n_videos)
+    os.makedirs(prepared, exist_ok=True)
+    with open(os.path.join(prepared, "prepare.json"), "w") as f:  # raw_size: evaluate re-renders ground truths
+        json.dump({"size": size, "crop_scale": crop_scale, "source": f"synthetic, seed {seed}", "synthetic": True,
+                   "raw_size": raw_size}, f, indent=1)
+    todo = [(prepared, i, n_frames, raw_size, size, crop_scale, seed) for i, name in enumerate(names)
+            if not os.path.isdir(os.path.join(prepared, name))]
+    workers = workers or os.cpu_count()
+    log(f"synthetic set: rendering {len(todo)} of {len(names)} videos ({n_frames} frames, {raw_size} px, cropped "
+        f"to {size}) into {prepared} on {workers} processes")
+    _render_all(_synth_prepared, todo, n_frames, workers)
+    with open(os.path.join(prepared, "split.json"), "w") as f:
+        json.dump(split, f, indent=1)
     return prepared
 
 

@@ -45,6 +45,7 @@ CACHE = os.path.join("data", "synthetic")
 # what --resume may change: the schedule (sticks from then on), and this session's own settings
 SCHEDULE = {"steps", "epochs", "out"}
 SESSION = {"device", "log_every", "sample_every", "ckpt_every", "compile"}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 # ----------------------------------------------------------------------------- the step
@@ -63,45 +64,49 @@ def generator_passes(G, I_s, e_s, e_m, e_t, cycle=True, fused=True):
     return fake, mid, cyc, tri
 
 
-def train_step(G, D, vgg, opt_G, opt_D, b, lam, measure, cfg, fused=True, amp=None):
+def train_step(G, D, vgg, opt_G, opt_D, b, lam, measure, cfg, fused=True, amp=False):
     """One step on a batch b of device tensors. Returns the raw (unweighted) terms as tensors:
     every term with a weight, plus, when measure is set, the ablated ones (computed without grad),
-    so that ablated runs can be compared term by term."""
+    so that ablated runs can be compared term by term. Nothing here waits for the device.
+
+    amp: VGG runs in bf16 autocast; G and D stay fp32 (TF32 tensor cores on CUDA). L_self and L_triple
+    weigh (x100) small differences between generated images, and bf16 noise through G's four passes
+    swamps them: with G, D and VGG in bf16, G's gradient moved 13 % from fp32 (L_self's part 12 %,
+    L_triple's 19 %); with VGG alone in bf16, 0.16 % (bench's check, bf16 emulated on the CPU; README,
+    Speed)."""
+    torch.compiler.cudagraph_mark_step_begin()  # --compile reduce-overhead: last step's graph buffers are free
     I_s, I_t = b["I_s"], b["I_t"]
     e_s, e_m, e_t = (data.heatmaps(b[k], cfg["size"], cfg["sigma"], cfg["window"]) for k in ("lm_s", "lm_m", "lm_t"))
     need = lambda *ts: any(lam[t] > 0 for t in ts)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else torch.autocast("cpu", enabled=False)
-    with autocast:
-        fake, mid, cyc, tri = generator_passes(G, I_s, e_s, e_m, e_t, need("self", "triple") or measure, fused)
-        # L_D = BCE(D(I_t, e_t), 1) + BCE(D(Î_t, e_t), 0); Î_t detached: this update is D's alone
-        L_D = losses.L_D(D(I_t, e_t), D(fake.detach(), e_t))
+    fake, mid, cyc, tri = generator_passes(G, I_s, e_s, e_m, e_t, need("self", "triple") or measure, fused)
+    # L_D = BCE(D(I_t, e_t), 1) + BCE(D(Î_t, e_t), 0); Î_t detached: this update is D's alone
+    L_D = losses.L_D(D(I_t, e_t), D(fake.detach(), e_t))
     opt_D.zero_grad(set_to_none=True)
     L_D.backward()
     opt_D.step()
 
     D_plain = getattr(D, "module", D)  # G's pass through D needs no gradient sync for D
     D_plain.requires_grad_(False)
-    terms = {}
-    with autocast:
-        terms["adv"] = losses.L_adv(D_plain(fake, e_t))
-        terms["pix"] = losses.L_pix(fake, I_t)
-        if cyc is not None:
-            terms["self"] = losses.L_self(cyc, I_s)
-            terms["triple"] = losses.L_triple(tri, fake)
-        if need("pp", "id") or measure:
+    terms = {"adv": losses.L_adv(D_plain(fake, e_t)), "pix": losses.L_pix(fake, I_t)}
+    if cyc is not None:
+        terms["self"] = losses.L_self(cyc, I_s)
+        terms["triple"] = losses.L_triple(tri, fake)
+    if need("pp", "id") or measure:
+        with torch.autocast(I_s.device.type, dtype=torch.bfloat16, enabled=bool(amp)):
             with torch.no_grad():
                 real_f = vgg(I_t)
             with torch.set_grad_enabled(need("pp", "id")):
                 fake_f = vgg(fake)
-            terms["pp"] = losses.L_pp(fake_f, real_f)
-            terms["id"] = losses.L_id(fake_f, real_f)
-        L_G = losses.generator_loss(terms, lam)
+        real_f, fake_f = ({k: v.float() for k, v in f.items()} for f in (real_f, fake_f))  # the losses in fp32
+        terms["pp"] = losses.L_pp(fake_f, real_f)
+        terms["id"] = losses.L_id(fake_f, real_f)
+    L_G = losses.generator_loss(terms, lam)
     D_plain.requires_grad_(True)
     opt_G.zero_grad(set_to_none=True)
     L_G.backward()
     opt_G.step()
-    terms = {k: v.detach().float() for k, v in terms.items()}
-    terms["G"], terms["D"] = L_G.detach().float(), L_D.detach().float()
+    terms = {k: v.detach() for k, v in terms.items()}
+    terms["G"], terms["D"] = L_G.detach(), L_D.detach()
     return terms
 
 
@@ -134,6 +139,15 @@ def resumed(args):
     return {**run, **{k: args[k] for k in given & SESSION}}, run, ckpt
 
 
+def compile_models(modules, mode):
+    """torch.compile each module with static shapes: a run's batch never changes, and dynamic=False
+    keeps a new call pattern (a log step's extra, measured-only passes) from making every graph
+    symbolic; each (module, call pattern) compiles once. mode "reduce-overhead" also replays each
+    graph as a CUDA graph, for small batches where launching ~1,000 kernels a step is the bottleneck."""
+    mode = "default" if mode is True else mode  # True: checkpoints from before the modes
+    return [torch.compile(m, mode=mode, dynamic=False) for m in modules]
+
+
 def train(args):
     """The paper's training run. args: a dict of the command-line options (see main())."""
     ckpt, run = None, args
@@ -159,9 +173,10 @@ def train(args):
     D = networks.Discriminator(ndf=args["ndf"]).to(device)
     widths = args["vgg_widths"] or networks.VGG_WIDTHS
     vgg, vgg_source = networks.load_vgg(losses.VGG_LAYERS, path=args["vgg"], log=log, widths=widths)
+    # NCHW on CUDA too: channels_last measured slower on an H200 (b840851, batch 256: 2,651 triplets/s
+    # with it, 2,988 without, 3,449 without it and with GroupNorm): the layout copies around the norms
+    # cost more than NHWC saved in the convolutions.
     vgg = vgg.to(device)
-    if device.type == "cuda":  # tensor cores want NHWC; on the CPU oneDNN picks its own layout
-        G, D, vgg = (m.to(memory_format=torch.channels_last) for m in (G, D, vgg))
     opt_G = torch.optim.Adam(G.parameters(), lr=args["lr_g"], betas=BETAS)
     opt_D = torch.optim.Adam(D.parameters(), lr=args["lr_d"], betas=BETAS)
     start, elapsed = 0, 0.0
@@ -174,7 +189,8 @@ def train(args):
         G_run = torch.nn.parallel.DistributedDataParallel(G, device_ids=[device] if device.type == "cuda" else None)
         D_run = torch.nn.parallel.DistributedDataParallel(D, device_ids=[device] if device.type == "cuda" else None)
     if args["compile"]:
-        G_run = torch.compile(G_run)
+        G_run, D_run, vgg = compile_models((G_run, D_run, vgg), args["compile"])
+        log(f"torch.compile ({args['compile']}): the first steps compile every module's graphs and are slow")
 
     per_epoch = data.steps_per_epoch(args, world)
     total = args["steps"] or args["epochs"] * per_epoch
@@ -306,52 +322,70 @@ def bench_models(args, device, seed=0):
     torch.manual_seed(seed)
     G = networks.build_generator(args).to(device)
     D = networks.Discriminator(ndf=args["ndf"]).to(device)
-    vgg = networks.VGG19(losses.VGG_LAYERS).to(device)
+    vgg = networks.VGG19(losses.VGG_LAYERS, args["vgg_widths"] or networks.VGG_WIDTHS).to(device)
     opts = torch.optim.Adam(G.parameters(), lr=LR_G, betas=BETAS), torch.optim.Adam(D.parameters(), lr=LR_D, betas=BETAS)
     return G, D, vgg, opts
 
 
-def fast_vs_plain(args, device, b, lam, cfg):
-    """The fast path (fused passes, bf16 + channels_last on CUDA) against the plain one (four
-    separate fp32 passes) from the same weights on the same batch: how far do losses and G's
-    gradients move? Returns the largest relative differences."""
-    results = []
-    for fast in (True, False):
+def fast_vs_plain(args, device, b, lam, cfg, amp):
+    """The fast path (fused passes, VGG in bf16 when amp, TF32 convolutions on CUDA) against the plain
+    one (four separate passes, all IEEE fp32), from the same weights on the same batch. Returns the
+    largest relative loss difference and, for G's gradient of each weighted term lambda_k L_k alone and
+    of their sum L_G ("G"), the relative norm of the difference, ||g_fast - g_plain|| / ||g_plain||."""
+    def grad(fast, only):
         G, D, vgg, (opt_G, opt_D) = bench_models(args, device)
-        if fast and device.type == "cuda":
-            G, D, vgg = (m.to(memory_format=torch.channels_last) for m in (G, D, vgg))
         opt_G.step = lambda *a, **k: None  # keep the weights: we compare gradients, not updates
-        terms = train_step(G, D, vgg, opt_G, opt_D, b, lam, True, cfg, fused=fast, amp=fast and device.type == "cuda")
-        grad = torch.cat([p.grad.flatten().float() for p in G.parameters()])
-        results.append(({k: v.item() for k, v in terms.items()}, grad))
-    (t_fast, g_fast), (t_plain, g_plain) = results
-    loss_diff = max(abs(t_fast[k] - t_plain[k]) / max(abs(t_plain[k]), 1e-8) for k in t_plain)
-    grad_diff = ((g_fast - g_plain).norm() / g_plain.norm()).item()
+        # measure=True runs every pass and term whichever weights are on: the full step's graph, of
+        # which only the terms in `only` reach G's gradient
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=fast):
+            terms = train_step(G, D, vgg, opt_G, opt_D, b, {t: lam[t] if t in only else 0.0 for t in lam}, True,
+                               cfg, fused=fast, amp=fast and amp)
+        return {k: v.item() for k, v in terms.items()}, torch.cat([p.grad.flatten().float() for p in G.parameters()])
+
+    weighted = [t for t in TERMS if lam[t]]
+    loss_diff, grad_diff = 0.0, {}
+    for name, only in [(t, {t}) for t in weighted] + [("G", set(weighted))]:
+        (t_fast, g_fast), (t_plain, g_plain) = grad(True, only), grad(False, only)
+        loss_diff = max(loss_diff, *(abs(t_fast[k] - t_plain[k]) / max(abs(t_plain[k]), 1e-8) for k in t_plain))
+        grad_diff[name] = ((g_fast - g_plain).norm() / g_plain.norm()).item()
     return loss_diff, grad_diff
 
 
+def bench_batch(args, device):
+    """A real training batch: from --data, else from the built-in synthetic set if it has been built.
+    Without one, random tensors: noise images, whose losses and gradients are unlike training's (bf16's
+    differences come out several times larger on them)."""
+    root = args["data"] or os.path.join(CACHE, "prepared")
+    B = args["batch_size"]
+    if args["data"] or os.path.isfile(os.path.join(root, "split.json")):
+        videos = data.load_videos(root, "train")
+        feed = {"batch_size": B, "triplets_per_epoch": B, "seed": 0, "max_gap": None}
+        return next(data.batches(videos, feed, 0, 1, device=device))[1], f"real ({root})"
+    print(f"note: no dataset ({root} not built, no --data): random tensors, which exaggerate bf16's differences")
+    S, g = args["size"], torch.Generator().manual_seed(0)
+    b = {"I_s": torch.rand(B, 3, S, S, generator=g) * 2 - 1, "I_t": torch.rand(B, 3, S, S, generator=g) * 2 - 1}
+    b.update({k: torch.rand(B, 68, 2, generator=g) * (S - 1) for k in ("lm_s", "lm_m", "lm_t")})
+    return {k: v.to(device) for k, v in b.items()}, "random"
+
+
 def bench(args):
-    """Time full training steps (G, D, all six terms, both optimiser steps) on random tensors."""
+    """Time full training steps (G, D, all six terms, both optimiser steps) on one batch."""
     import resource
     from torch.utils.flop_counter import FlopCounterMode
     device = networks.pick_device(args["device"])
-    B, S = args["batch_size"], args["size"]
+    amp = device.type == "cuda"  # as train: VGG in bf16 on CUDA, all fp32 on the CPU
+    b, batch_kind = bench_batch(args, device)
+    B, S = args["batch_size"], b["I_s"].shape[-1]
     G, D, vgg, (opt_G, opt_D) = bench_models(args, device)
-    if device.type == "cuda":
-        G, D, vgg = (m.to(memory_format=torch.channels_last) for m in (G, D, vgg))
-    G_run = torch.compile(G) if args["compile"] else G
+    G_run, D_run, vgg_run = compile_models((G, D, vgg), args["compile"]) if args["compile"] else (G, D, vgg)
     lam = losses.lambdas()
     cfg = {"size": S, "sigma": data.SIGMA, "window": data.WINDOW}
-    g = torch.Generator().manual_seed(0)
-    b = {"I_s": torch.rand(B, 3, S, S, generator=g) * 2 - 1, "I_t": torch.rand(B, 3, S, S, generator=g) * 2 - 1}
-    b.update({k: torch.rand(B, 68, 2, generator=g) * (S - 1) for k in ("lm_s", "lm_m", "lm_t")})
-    b = {k: v.to(device) for k, v in b.items()}
-    amp = device.type == "cuda"
-    step = lambda: train_step(G_run, D, vgg, opt_G, opt_D, b, lam, False, cfg, amp=amp)
+    step = lambda: train_step(G_run, D_run, vgg_run, opt_G, opt_D, b, lam, False, cfg, amp=amp)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    print(f"bench: {device}, batch {B}, {S} px, G {networks.count_params(G) / 1e6:.1f}M params, {args['steps']} timed steps")
-    with FlopCounterMode(display=False) as counter:
-        step()
+    print(f"bench: {device}, batch {B} ({batch_kind}), {S} px, G {networks.count_params(G) / 1e6:.1f}M params, "
+          f"{args['steps']} timed steps" + (f", torch.compile {args['compile']}" if args["compile"] else ""))
+    with FlopCounterMode(display=False) as counter:  # the eager step: the maths, not what a compiler fused
+        train_step(G, D, vgg, opt_G, opt_D, b, lam, False, cfg, amp=amp)
     gflop = counter.get_total_flops() / 1e9 / B
     for _ in range(args["warmup"]):
         step()
@@ -368,16 +402,21 @@ def bench(args):
     mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
     peak = matmul_peak(device)
-    loss_diff, grad_diff = fast_vs_plain(args, device, b, lam, cfg)
+    loss_diff, grad_diff = fast_vs_plain(args, device, b, lam, cfg, amp)
     res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-           "batch_size": B, "triplets_per_s": round(B / step_s, 2), "gflop_per_triplet": round(gflop, 2),
+           "batch": batch_kind, "compile": args["compile"], "batch_size": B, "triplets_per_s": round(B / step_s, 2),
+           "gflop_per_triplet": round(gflop, 2),
            "achieved_gflops": round(gflop * B / step_s, 1), "peak_gflops": round(peak, 1),
            "utilization": round(gflop * B / step_s / peak, 3), "step_ms": round(step_s * 1e3, 1),
            "peak_mem_mb": round(mem, 1), "fast_vs_plain_loss_rel": float(f"{loss_diff:.2g}"),
-           "fast_vs_plain_grad_rel": float(f"{grad_diff:.2g}")}
+           "fast_vs_plain_grad_rel": float(f"{grad_diff['G']:.2g}"),
+           "fast_vs_plain_grad_rel_by_term": {k: float(f"{v:.2g}") for k, v in grad_diff.items() if k != "G"}}
     paper = TRIPLETS_PER_EPOCH * EPOCHS / res["triplets_per_s"]
     for k, v in res.items():
-        print(f"  {k:24s} {v}")
+        if k != "fast_vs_plain_grad_rel_by_term":
+            print(f"  {k:24s} {v}")
+    print("  G's gradient of each lambda_k L_k, fast vs plain (relative):  " +
+          "  ".join(f"{k} {v:.2g}" for k, v in res["fast_vs_plain_grad_rel_by_term"].items()))
     print(f"  {'paper schedule (57k)':24s} {paper // 60:.0f}m{paper % 60:02.0f}s of steps")
     print(json.dumps(res))
     return res
@@ -518,11 +557,16 @@ def add_train_options(p):
     p.add_argument("--vgg-widths", type=pos, nargs=5, metavar="C",
                    help="narrower VGG block widths for smoke tests (random features only, no --vgg)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the generator")
+    add_compile_option(p)
     p.add_argument("--seed", type=nonneg, default=0)
     p.add_argument("--log-every", type=pos, default=LOG_EVERY, help="steps between log.csv rows")
     p.add_argument("--sample-every", type=pos, default=SAMPLE_EVERY, help="steps between sample grids")
     p.add_argument("--ckpt-every", type=pos, default=CKPT_EVERY, help="steps between checkpoints")
+
+
+def add_compile_option(p):
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
+                   help="torch.compile G, D and VGG (default mode; reduce-overhead adds CUDA graphs)")
 
 
 def given_options(parser, argv):
@@ -567,11 +611,14 @@ def main(argv=None):
     p.add_argument("--batch-size", type=pos, default=BATCH_SIZE)
     p.add_argument("--steps", type=pos, default=10, help="timed steps")
     p.add_argument("--warmup", type=data.number(int, 0), default=2)
-    p.add_argument("--size", type=data.number(int, 16), default=64)
+    p.add_argument("--size", type=data.number(int, 16), default=64, help="image size of random batches (a dataset has its own)")
     p.add_argument("--ngf", type=pos, default=NGF)
     p.add_argument("--n-down", type=pos, default=N_DOWN)
     p.add_argument("--ndf", type=pos, default=NDF)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--vgg-widths", type=pos, nargs=5, metavar="C", help="narrower VGG block widths for smoke tests")
+    add_compile_option(p)
+    p.add_argument("--data", help="prepared dataset to draw the batch from (default: the built-in synthetic set "
+                   "if built, else random tensors; a dataset sets the image size)")
     add_reenact_options(sub.add_parser("reenact", help="drive a face with another video's landmarks"))
     args = parser.parse_args(argv)
     a = vars(args)

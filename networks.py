@@ -66,7 +66,11 @@ def _norm(channels):
     # Per-sample normalisation, NOT BatchNorm: the training loop stacks several generator passes
     # (G(I_s;e_t), G(I_s;e_m), the cycles) into one call, and each image's result must not depend
     # on which other images share the batch. InstanceNorm normalises every image on its own.
-    return nn.InstanceNorm2d(channels, affine=True)
+    # GroupNorm with one group per channel is exactly affine InstanceNorm (per sample and channel:
+    # (x - mean) / sqrt(var + 1e-5) * weight + bias, no running statistics) with the same state-dict
+    # keys, so old checkpoints load. It is the faster kernel on CUDA: InstanceNorm2d runs as batch
+    # norm on a reshaped tensor, 30 % of an H200 step at batch 256 (REFERENCE §7).
+    return nn.GroupNorm(channels, channels, eps=1e-5)
 
 
 def _online(host, timeout):

@@ -304,13 +304,52 @@ def test_talking_motion_ranges_and_smoothness():
 
 
 def test_ensure_synthetic_builds_once_then_reuses(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "synth", functools.partial(data.synth, n_videos=(2, 1, 1, 1), size=128, workers=1))
-    root = data.ensure_synthetic(str(tmp_path / "cache"), n_frames=3, log=lambda *_: None)
+    tiny = dict(n_frames=3, n_videos=(2, 1, 1, 1), raw_size=96, size=32, workers=1, log=lambda *_: None)
+    root = data.ensure_synthetic(str(tmp_path / "cache"), **tiny)
     split = json.load(open(os.path.join(root, "split.json")))
     assert [len(split[k]) for k in ("train", "test1", "test2", "test3")] == [2, 1, 1, 1]
     assert os.path.isfile(os.path.join(root, "001", "params.json"))
-    monkeypatch.setattr(data, "synth", lambda *a, **k: pytest.fail("regenerated a cached set"))
-    assert data.ensure_synthetic(str(tmp_path / "cache"), n_frames=3, log=lambda *_: None) == root
+    monkeypatch.setattr(data, "_synth_prepared", lambda *a, **k: pytest.fail("regenerated a cached set"))
+    assert data.ensure_synthetic(str(tmp_path / "cache"), **tiny) == root
+    # an interrupted build (no split.json yet) is resumed: only the missing video is rendered
+    os.remove(os.path.join(root, "split.json"))
+    shutil.rmtree(os.path.join(root, "004"))
+    rendered = []
+    monkeypatch.setattr(data, "_synth_prepared", lambda job: rendered.append(job[1]) or 0)
+    data.ensure_synthetic(str(tmp_path / "cache"), **tiny)
+    assert rendered == [3] and json.load(open(os.path.join(root, "split.json"))) == split
+
+
+def test_ensure_synthetic_needs_no_ffmpeg_and_matches_synth_then_prepare(tmp_path, monkeypatch):
+    """The GPU machines have no imageio-ffmpeg: the default set is rendered straight into the prepared
+    layout. It must be the set that synth (300VW-layout videos) + prepare make, less the video coding."""
+    with monkeypatch.context() as m:  # importing either would fail now
+        m.setitem(sys.modules, "imageio_ffmpeg", None)
+        m.setitem(sys.modules, "imageio", None)
+        direct = data.ensure_synthetic(str(tmp_path / "cache"), seed=2, n_frames=4, n_videos=(2, 1, 1, 1), raw_size=96,
+                                       size=32, workers=2, log=lambda *_: None)
+    data.synth(str(tmp_path / "raw"), seed=2, n_frames=4, n_videos=(2, 1, 1, 1), size=96, workers=1, log=lambda *_: None)
+    data.prepare(str(tmp_path / "raw"), str(tmp_path / "prep"), size=32, workers=1, log=lambda *_: None)
+    via = str(tmp_path / "prep")
+    assert json.load(open(os.path.join(direct, "prepare.json"))) == {
+        "size": 32, "crop_scale": data.CROP_SCALE, "source": "synthetic, seed 2", "synthetic": True, "raw_size": 96}
+    assert json.load(open(os.path.join(direct, "split.json"))) == json.load(open(os.path.join(via, "split.json")))
+    for name in ("001", "005"):
+        load = lambda root, f: np.load(os.path.join(root, name, f))
+        assert json.load(open(os.path.join(direct, name, "params.json"))) == json.load(open(os.path.join(via, name, "params.json")))
+        assert np.abs(load(direct, "landmarks.npy") - load(via, "landmarks.npy")).max() < 2e-3  # .pts keep 3 decimals
+        frames = load(direct, "frames.npy").astype(int)
+        assert frames.shape == (4, 32, 32, 3) and np.abs(frames - load(via, "frames.npy")).mean() < 4  # x264's loss
+    # and frame by frame: the landmarks of the frame re-rendered from params.json, mapped into the crop by
+    # hand (a square of 1.8 x the landmarks' larger extent around their box's centre, resized to 32 px)
+    params = json.load(open(os.path.join(direct, "002", "params.json")))
+    frames, lms = np.load(os.path.join(direct, "002", "frames.npy")), np.load(os.path.join(direct, "002", "landmarks.npy"))
+    for t, f in enumerate(params["frames"]):
+        img, lm = data.render_face(params["identity"], f["pose"], f["expression"], 96)
+        side = 1.8 * (lm.max(0) - lm.min(0)).max()
+        corner = (lm.max(0) + lm.min(0)) / 2 - side / 2  # the square's top-left, where pixel i's centre is at i
+        assert np.allclose(lms[t], (lm - corner) * 32 / side - 0.5, atol=1e-3)  # crop pixel u's centre: u + 0.5 in
+        assert np.abs(frames[t].astype(int) - data.crop_face(img, lm, 32)[0]).max() <= 1
 
 
 # ================================================================================================
@@ -355,6 +394,25 @@ def reference_features(state, x, upto):
             x = torch.relu(torch.nn.functional.conv2d(x, w, b, padding=1))
             out[n + 1], n = x, n + 2
     return out
+
+
+def test_norm_is_instance_norm_by_hand():
+    """Per image and channel: (x - mean) / sqrt(var + 1e-5), biased variance over the pixels, then that
+    channel's scale and shift; nothing carried between calls or across the batch."""
+    norm = networks._norm(2)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([2.0, 1.0]))
+        norm.bias.copy_(torch.tensor([0.5, -1.0]))
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [0.0, 8.0]]]])
+    # channel 0: mean 2.5, variance 1.25; channel 1: mean 2, deviations -2 -2 -2 6, variance 12
+    want = torch.tensor([[[[-1.5, -0.5], [0.5, 1.5]], [[-2.0, -2.0], [-2.0, 6.0]]]])
+    want = want / torch.tensor([1.25 + 1e-5, 12 + 1e-5]).sqrt().view(1, 2, 1, 1)
+    want = want * torch.tensor([2.0, 1.0]).view(1, 2, 1, 1) + torch.tensor([0.5, -1.0]).view(1, 2, 1, 1)
+    for batch in (x, torch.cat([x, 10 * x - 3])):  # a batch-mate changes nothing
+        assert torch.allclose(norm(batch)[:1], want, atol=1e-5)
+    # an InstanceNorm2d(affine=True) checkpoint loads: the same parameter names and shapes
+    old = nn.InstanceNorm2d(2, affine=True).state_dict()
+    assert {k: v.shape for k, v in norm.state_dict().items()} == {k: v.shape for k, v in old.items()}
 
 
 def test_generator_shape_range_and_per_sample():
@@ -729,6 +787,49 @@ def test_fused_passes_match_plain_passes():
         grads.append(torch.cat([p.grad.flatten() for p in G.parameters()]))
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-4 * grads[1].abs().max().item())
+
+
+def test_bench_compares_fast_and_plain_per_term_on_a_real_batch(blobs, capsys):
+    argv = ["--device", "cpu", "--data", blobs, "--ngf", "8", "--ndf", "8", "--batch-size", "2", "--vgg-widths", "4", "4", "8", "8", "8"]
+    facesynth.main(["bench", *argv, "--steps", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["batch"] == f"real ({blobs})" and res["batch_size"] == 2 and res["triplets_per_s"] > 0
+    by_term = res["fast_vs_plain_grad_rel_by_term"]
+    assert set(by_term) == set(losses.TERMS) and all(f"{t} {v:.2g}" in out for t, v in by_term.items())
+    # on the CPU the fast path is fp32 as well: only the fused passes' summation order differs
+    assert max(by_term.values()) < 1e-4 and res["fast_vs_plain_grad_rel"] < 1e-4
+    # CUDA's precision policy, bf16 emulated on the CPU: only VGG's terms move, G's own stay fp32-exact
+    args = {"ngf": 8, "n_down": 4, "ndf": 8, "vgg_widths": [4, 4, 8, 8, 8], "batch_size": 2, "data": blobs}
+    b, _ = facesynth.bench_batch(args, torch.device("cpu"))
+    lam = losses.lambdas({"adv": 0, "self": 0, "triple": 0, "id": 0})
+    _, bf16 = facesynth.fast_vs_plain(args, torch.device("cpu"), b, lam, {"size": 32, "sigma": 1.0, "window": 7}, amp=True)
+    assert set(bf16) == {"pix", "pp", "G"} and bf16["pix"] < 1e-4 and 1e-3 < bf16["pp"] < 0.5
+
+
+def test_compiled_step_makes_its_graphs_once_and_matches_eager(blobs, monkeypatch):
+    """--compile: each module's graphs are made in the first plain and the first log step, then never
+    again. An ablated run's log steps add the measured-only passes, a new call pattern. TorchDynamo's
+    capture is tested with its "eager" backend: inductor's code generation takes minutes on 2 cores
+    (measured once by hand: the losses matched eager to 7e-7, G's gradient to 9e-6)."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    args = {"ngf": 8, "n_down": 4, "ndf": 8, "vgg_widths": [4, 4, 8, 8, 8], "batch_size": 2, "data": blobs}
+    b, _ = facesynth.bench_batch(args, torch.device("cpu"))
+    lam, cfg = losses.lambdas(ablate=["consistency"]), {"size": 32, "sigma": 1.0, "window": 7}
+    runs = {}
+    for compiled in (False, True):
+        G, D, vgg, (opt_G, opt_D) = facesynth.bench_models(args, torch.device("cpu"))
+        models = facesynth.compile_models((G, D, vgg), "default") if compiled else (G, D, vgg)
+        torch._dynamo.reset()
+        counters.clear()
+        runs[compiled], graphs = [], []
+        for i in range(5):  # log steps 1 and 3
+            runs[compiled].append(facesynth.train_step(*models, opt_G, opt_D, b, lam, i % 2 == 1, cfg))
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] > graphs[0] > 0 and graphs[2:] == [graphs[1]] * 3
+    for eager, comp in zip(runs[False], runs[True]):
+        assert eager.keys() == comp.keys() and all(torch.allclose(eager[k], comp[k], rtol=1e-4) for k in eager)
 
 
 def test_flip_in_feed_mirrors_all_three_landmark_sets(blobs):
