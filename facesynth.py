@@ -45,7 +45,6 @@ CACHE = os.path.join("data", "synthetic")
 # what --resume may change: the schedule (sticks from then on), and this session's own settings
 SCHEDULE = {"steps", "epochs", "out"}
 SESSION = {"device", "log_every", "sample_every", "ckpt_every", "compile"}
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 # ----------------------------------------------------------------------------- the step
@@ -139,15 +138,6 @@ def resumed(args):
     return {**run, **{k: args[k] for k in given & SESSION}}, run, ckpt
 
 
-def compile_models(modules, mode):
-    """torch.compile each module with static shapes: a run's batch never changes, and dynamic=False
-    keeps a new call pattern (a log step's extra, measured-only passes) from making every graph
-    symbolic; each (module, call pattern) compiles once. mode "reduce-overhead" also replays each
-    graph as a CUDA graph, for small batches where launching ~1,000 kernels a step is the bottleneck."""
-    mode = "default" if mode is True else mode  # True: checkpoints from before the modes
-    return [torch.compile(m, mode=mode, dynamic=False) for m in modules]
-
-
 def train(args):
     """The paper's training run. args: a dict of the command-line options (see main())."""
     ckpt, run = None, args
@@ -189,7 +179,7 @@ def train(args):
         G_run = torch.nn.parallel.DistributedDataParallel(G, device_ids=[device] if device.type == "cuda" else None)
         D_run = torch.nn.parallel.DistributedDataParallel(D, device_ids=[device] if device.type == "cuda" else None)
     if args["compile"]:
-        G_run, D_run, vgg = compile_models((G_run, D_run, vgg), args["compile"])
+        G_run, D_run, vgg = networks.compile_models((G_run, D_run, vgg), args["compile"])
         log(f"torch.compile ({args['compile']}): the first steps compile every module's graphs and are slow")
 
     per_epoch = data.steps_per_epoch(args, world)
@@ -300,24 +290,6 @@ def train(args):
 
 
 # ----------------------------------------------------------------------------- speed
-def matmul_peak(device, seconds=1.0):
-    """The device's own dense-matmul rate in GFLOP/s (fp32 on the CPU, bf16 on CUDA): the yardstick
-    a training step's achieved rate is measured against, taken in the same process."""
-    n = 2048 if device.type == "cpu" else 8192
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = 0.0
-    for _ in range(3):
-        reps, t0 = 0, time.time()
-        while reps == 0 or time.time() - t0 < seconds / 3:
-            a @ b
-            reps += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        best = max(best, 2 * n ** 3 * reps / (time.time() - t0) / 1e9)
-    return best
-
-
 def bench_models(args, device, seed=0):
     torch.manual_seed(seed)
     G = networks.build_generator(args).to(device)
@@ -377,7 +349,7 @@ def bench(args):
     b, batch_kind = bench_batch(args, device)
     B, S = args["batch_size"], b["I_s"].shape[-1]
     G, D, vgg, (opt_G, opt_D) = bench_models(args, device)
-    G_run, D_run, vgg_run = compile_models((G, D, vgg), args["compile"]) if args["compile"] else (G, D, vgg)
+    G_run, D_run, vgg_run = networks.compile_models((G, D, vgg), args["compile"]) if args["compile"] else (G, D, vgg)
     lam = losses.lambdas()
     cfg = {"size": S, "sigma": data.SIGMA, "window": data.WINDOW}
     step = lambda: train_step(G_run, D_run, vgg_run, opt_G, opt_D, b, lam, False, cfg, amp=amp)
@@ -401,7 +373,7 @@ def bench(args):
     step_s = (time.time() - t0) / args["steps"]
     mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
-    peak = matmul_peak(device)
+    peak = networks.matmul_peak(device)
     loss_diff, grad_diff = fast_vs_plain(args, device, b, lam, cfg, amp)
     res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
            "batch": batch_kind, "compile": args["compile"], "batch_size": B, "triplets_per_s": round(B / step_s, 2),
@@ -430,7 +402,6 @@ GROUP_RUNS = {"full": [], "no_pix": ["pix"], "no_consistency": ["consistency"], 
 def ablation(args):
     """Train every ablation over --seeds seeds into OUT/NAME/seedK (finished runs are skipped, a
     cut one resumes), then evaluate them all and write OUT/REPORT.md."""
-    import evaluate
     root, n_seeds, single = args.pop("out"), args.pop("seeds"), args.pop("single")
     runs = {name: {"ablate": groups} for name, groups in GROUP_RUNS.items()}
     if single:
@@ -565,7 +536,7 @@ def add_train_options(p):
 
 
 def add_compile_option(p):
-    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
+    p.add_argument("--compile", nargs="?", const="default", choices=networks.COMPILE_MODES,
                    help="torch.compile G, D and VGG (default mode; reduce-overhead adds CUDA graphs)")
 
 

@@ -34,6 +34,7 @@ RELU = {"relu1_1": 1, "relu1_2": 3, "relu2_1": 6, "relu2_2": 8, "relu3_1": 11, "
         "relu5_1": 29, "relu5_2": 31, "relu5_3": 33, "relu5_4": 35}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def pick_device(name=None, log=print):
@@ -56,6 +57,33 @@ def pick_device(name=None, log=print):
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise DataError(f"--device {name}: there are only {torch.cuda.device_count()} GPUs")
     return device
+
+
+def matmul_peak(device, seconds=1.0):
+    """The device's own dense-matmul rate in GFLOP/s (fp32 on the CPU, bf16 on CUDA): the yardstick
+    a training step's achieved rate is measured against, taken in the same process."""
+    n = 2048 if device.type == "cpu" else 8192
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = 0.0
+    for _ in range(3):
+        reps, t0 = 0, time.time()
+        while reps == 0 or time.time() - t0 < seconds / 3:
+            a @ b
+            reps += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        best = max(best, 2 * n ** 3 * reps / (time.time() - t0) / 1e9)
+    return best
+
+
+def compile_models(modules, mode):
+    """torch.compile each module with static shapes: a run's batch never changes, and dynamic=False
+    keeps a new call pattern (a log step's extra, measured-only passes) from making every graph
+    symbolic; each (module, call pattern) compiles once. mode "reduce-overhead" also replays each
+    graph as a CUDA graph, for small batches where launching ~1,000 kernels a step is the bottleneck."""
+    mode = "default" if mode is True else mode  # True: checkpoints from before the modes
+    return [torch.compile(m, mode=mode, dynamic=False) for m in modules]
 
 
 def count_params(module):

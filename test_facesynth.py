@@ -820,7 +820,7 @@ def test_compiled_step_makes_its_graphs_once_and_matches_eager(blobs, monkeypatc
     runs = {}
     for compiled in (False, True):
         G, D, vgg, (opt_G, opt_D) = facesynth.bench_models(args, torch.device("cpu"))
-        models = facesynth.compile_models((G, D, vgg), "default") if compiled else (G, D, vgg)
+        models = networks.compile_models((G, D, vgg), "default") if compiled else (G, D, vgg)
         torch._dynamo.reset()
         counters.clear()
         runs[compiled], graphs = [], []
