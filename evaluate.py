@@ -536,6 +536,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         device = networks.pick_device(getattr(a, "device", "cpu"))
+        if a.cmd == "heatmaps" and not a.vmin < a.vmax:
+            raise DataError(f"--vmin {a.vmin:g} --vmax {a.vmax:g}: the colour scale needs vmin < vmax")
         if a.cmd == "losses":
             paths = loss_figures(a.runs, a.out)
         elif a.cmd == "metrics":
