@@ -1,9 +1,15 @@
-"""Datasets on disk: 300VW preparation, the built-in synthetic talking-head generator,
-triplet sampling, landmark heatmaps and augmentation.
+"""Datasets on disk, and every other input that arrives as files. Its sections, in order:
+
+    (top)  the one-line `error:` (DataError, fail, the argparse checks), progress lines
+    P      .pts files, THE crop, video decoding, `prepare` (300VW folders and plain videos)
+    S      the synthetic talking heads: drawn from their 68 landmarks, as videos or prepared arrays
+    L      a prepared split: triplets, the batch feed, flips (the iBUG mirror), heatmaps
+    R      reenact's inputs (drivers, source faces) and retargeting
+    D      automatic 68-point landmarks (the optional dlib extra), tracked and smoothed
 
 A prepared dataset is a folder of videos, each `NNN/frames.npy` (uint8, T x S x S x 3) and
-`NNN/landmarks.npy` (float32, T x 68 x 2, x then y, 0-based crop pixels), plus `split.json`.
-Raw 300VW and the synthetic generator both end up there through one `prepare` path.
+`NNN/landmarks.npy` (float32, T x 68 x 2, x then y, 0-based crop pixels), plus `split.json` and
+`prepare.json`. Raw 300VW, plain videos and the synthetic set all end up in that one layout.
 """
 import argparse
 import functools

@@ -243,8 +243,9 @@ def sign_flip_p(d, n=N_PERM, seed=SEED):
 
 
 def render_crop(identity, frame, prep):
-    """A synthetic frame rendered afresh and cut by THE crop, as prepare made the frames. Their raw size
-    is not recorded: the landmarks do not depend on it, the pixels barely (and the video coding more)."""
+    """A synthetic frame rendered afresh and cut by THE crop, as the set was made. The built-in set
+    records its render size (raw_size); a set made by synth + prepare does not, and the default is
+    close: the landmarks do not depend on it, the pixels barely (and the video coding more)."""
     img, lm = data.render_face(identity, frame["pose"], frame["expression"], prep.get("raw_size", data.SYNTH_SIZE))
     return data.crop_face(img, lm, prep["size"], prep["crop_scale"])
 
