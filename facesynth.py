@@ -218,10 +218,11 @@ def train(args):
                 "step": step, "time": elapsed + time.time() - t0, "args": run, "lambdas": lam, "vgg": vgg_source})
         saved = step
 
+    kept = lambda: f"{ckpt_path} keeps step {saved}" if saved else "no checkpoint was written"
+
     def check_finite(step):  # one host sync, only when a log line or a checkpoint needs it
         if bad.item():
-            where = f"{ckpt_path} keeps step {saved}" if saved else "no checkpoint was written"
-            raise FloatingPointError(f"loss became NaN/inf by step {step}; stopped ({where})")
+            raise FloatingPointError(f"loss became NaN/inf by step {step}; stopped ({kept()})")
 
     stop = []  # Ctrl-C once: finish the step in flight, save, exit. Twice: exit now, ckpt.pt untouched
 
@@ -278,8 +279,7 @@ def train(args):
             if not same:
                 raise FloatingPointError("ranks drifted apart: their weights differ")
     except KeyboardInterrupt:
-        where = f"{ckpt_path} keeps step {saved}" if saved else "no checkpoint was written"
-        log(f"\ninterrupted twice: stopped at once without saving; {where}")
+        log(f"\ninterrupted twice: stopped at once without saving; {kept()}")
         raise SystemExit(130) from None
     finally:
         signal.signal(signal.SIGINT, previous)
