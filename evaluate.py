@@ -5,7 +5,7 @@
     python evaluate.py losses   --runs runs/A runs/B   # Fig. 3 loss-term bars, Fig. 4 loss curves
     python evaluate.py metrics  --runs runs/A runs/B   # L1 / PSNR / SSIM (+ cross-identity) with 95 % CIs
 
-Figures: PIL, written by the small PNG writer below. Pairs are a pure function of (dataset, split,
+Figures are drawn with Pillow and written by the small PNG writer below. Pairs are a pure function of (dataset, split,
 n, seed): runs on one dataset are scored on the same pairs and compared pair by pair (write_report).
 """
 import csv
@@ -22,7 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 import networks
-from data import DataError, progress  # metrics(data=...), the lead's API, hides the module there
+from data import DataError, progress
+from extras import landmarks, synthetic
 from losses import TERMS
 
 # ----------------------------------------------------------------------------- defaults
@@ -31,8 +32,6 @@ VMIN, VMAX = 0, 96                   # the paper: error 0 -> dark blue, >= 96 of
 N_PERM = 10000                       # sign flips in the paired permutation test
 FLICKER_VIDEOS, FLICKER_FRAMES = 8, 40  # flicker: the first 8 videos of the split, 40 frames each
 TAIL = 0.1                           # "end of training" = mean of the last 10 % of the log's rows
-LEAK_ATTRS = ("glasses", "beard")    # synthetic attributes (None or a dict) an identity may lack
-LEAK_LEVELS = 8                      # an attribute's mask: where it changes the render by > 8 of 255
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 # Viridis (van der Walt & Smith; matplotlib's _viridis_data, CC0): 22 of its 256 entries as
 # (index, r, g, b), picked greedily so that linear interpolation between them stays within 0.82 of
@@ -242,74 +241,7 @@ def sign_flip_p(d, n=N_PERM, seed=SEED):
     return float((1 + np.sum(np.abs(flips @ d) >= abs(d.sum()) - 1e-9)) / (n + 1))
 
 
-def render_crop(identity, frame, prep):
-    """A synthetic frame rendered afresh and cut by THE crop, as the set was made. The built-in set
-    records its render size (raw_size); a set made by synth + prepare does not, and the default is
-    close: the landmarks do not depend on it, the pixels barely (and the video coding more)."""
-    img, lm = data.render_face(identity, frame["pose"], frame["expression"], prep.get("raw_size", data.SYNTH_SIZE))
-    return data.crop_face(img, lm, prep["size"], prep["crop_scale"])
-
-
-_TARGETS = {}
-
-
-def cross_targets(root, split, videos, n, seed=SEED):
-    """Ground truth nobody can film: for n (A, s, B, j), A != B, identity A rendered with B's frame-j
-    pose and expression. Its landmarks (B's pose/expression on A's face shape) are the condition, its
-    image the target; where B wears a LEAK_ATTRS attribute that A lacks, A is also rendered with it."""
-    if (root, split, n, seed) not in _TARGETS:
-        with open(os.path.join(root, "prepare.json")) as f:
-            prep = json.load(f)
-        rng = np.random.default_rng([seed, 1])  # a stream of its own: the same-video pairs stay put
-        t = {"pairs": [], "src": [], "img": [], "lm": [], "drv_lm": [], "leak": {k: [] for k in LEAK_ATTRS}}
-        for i in range(n):
-            a, b = (int(v) for v in rng.choice(len(videos), size=2, replace=False))
-            s, j = (int(rng.integers(len(videos[v]["landmarks"]))) for v in (a, b))
-            (A, B), fb = (videos[v]["params"]["identity"] for v in (a, b)), videos[b]["params"]["frames"][j]
-            for key, val in zip(t, ((a, s, b, j), videos[a]["frames"][s], *render_crop(A, fb, prep),
-                                   videos[b]["landmarks"][j])):
-                t[key].append(val)
-            for k in LEAK_ATTRS:
-                if B.get(k) and not A.get(k):
-                    t["leak"][k].append((i, render_crop({**A, k: B[k]}, fb, prep)[0]))
-        _TARGETS[root, split, n, seed] = {k: v if k in ("pairs", "leak") else np.stack(v) for k, v in t.items()}
-    return _TARGETS[root, split, n, seed]
-
-
-def leak_score(gen, bare, worn):
-    """Identity leak on one pair: among the pixels where A without and with B's attribute differ by more
-    than LEAK_LEVELS (the attribute's mask; thin glasses frames at 32 px change pixels by ~15 levels),
-    the fraction where the generated image is closer (mean |.| over colour) to the render WITH it.
-    0 = nothing of B's glasses/beard (a perfect G); 1 = all of it copied."""
-    d = lambda x, y: np.abs(x.astype(np.float64) - y.astype(np.float64)).mean(-1)
-    mask = d(bare, worn) > LEAK_LEVELS
-    return float((d(gen, worn) < d(gen, bare))[mask].mean()) if mask.any() else math.nan
-
-
-def judge_scores(gen, src, src_lm, tgt_lm, k=4):
-    """The optional real-data judge, dlib (pip install dlib-bin face-recognition-models), or None when
-    it is not installed. lm_err: mean distance of dlib's 68 points on the generated face to the target
-    landmarks over the outer eye corners' distance (36-45); id_dist: descriptor distance generated vs
-    source (dlib: < 0.6 = same person). Crops are upsampled k times (dlib wants faces > 80 px) and the
-    face box comes from the known landmarks, as dlib's detector misses faces this small."""
-    try:
-        dlib, models = data.dlib_models()
-    except DataError:
-        return None
-    predictor = dlib.shape_predictor(os.path.join(models, "shape_predictor_68_face_landmarks.dat"))
-    descriptor = dlib.face_recognition_model_v1(os.path.join(models, "dlib_face_recognition_resnet_model_v1.dat"))
-    up = lambda im: np.ascontiguousarray(Image.fromarray(im).resize((im.shape[1] * k,) * 2, Image.BICUBIC))
-    box = lambda lm: dlib.rectangle(*(int(v) for v in np.r_[lm.min(0), lm.max(0) + 1] * k))
-    desc = lambda im, lm: np.array(descriptor.compute_face_descriptor(im, predictor(im, box(lm))))
-    out = {"lm_err": [], "id_dist": []}
-    for g, s, ls, lt in zip(map(up, gen), map(up, src), src_lm, tgt_lm):
-        pts = (np.array([(p.x, p.y) for p in predictor(g, box(lt)).parts()]) + 0.5) / k - 0.5
-        out["lm_err"].append(np.linalg.norm(pts - lt, axis=1).mean() / np.linalg.norm(lt[36] - lt[45]))
-        out["id_dist"].append(np.linalg.norm(desc(g, lt) - desc(s, ls)))
-    return out
-
-
-def metrics(run_dirs, split=None, data=None, n_pairs=N_EVAL, seed=SEED, device="cpu"):
+def metrics(run_dirs, split=None, data_root=None, n_pairs=N_EVAL, seed=SEED, device="cpu"):
     """Score each run on the deterministic pairs of its dataset (its config's, unless `data`). Returns
     {"split", "n_pairs", "seed", "judge", "runs": {run_dir: {"data", "split", "pairs": {metric: [per
     pair]}, "summary": {metric: [mean, low, high]}}}}, the interval a 95 % t-interval over pairs."""
@@ -318,21 +250,21 @@ def metrics(run_dirs, split=None, data=None, n_pairs=N_EVAL, seed=SEED, device="
         say = lambda what: print(f"\rmetrics {i + 1}/{len(run_dirs)} {run_dir}: {what}".ljust(78), end="", flush=True)
         say("same-video pairs")
         G, cfg = networks.load_generator(run_dir, device)
-        root = data or cfg["args"]["data"]
+        root = data_root or cfg["args"]["data"]
         out["split"], videos = videos_of(root, split)
         src, src_lm, tgt, tgt_lm = gather(videos, n_pairs, seed)
         gen = networks.generate(G, cfg, src, tgt_lm)
-        judged = judge_scores(gen, src, src_lm, tgt_lm)
+        judged = landmarks.judge_scores(gen, src, src_lm, tgt_lm)
         out["judge"] = "dlib" if judged else "skipped (dlib / face_recognition_models not installed)"
         pairs = {**scores(gen, tgt), **(judged or {})}
         if len(videos) > 1 and all(v["params"] for v in videos):  # the synthetic set: cross-identity
             say("cross-identity pairs (rendering the truth)")
-            t = cross_targets(root, out["split"], videos, n_pairs, seed)
+            t = synthetic.cross_targets(root, out["split"], videos, n_pairs, seed)
             x_gen = networks.generate(G, cfg, t["src"], t["lm"])
             pairs.update(scores(x_gen, t["img"], "x_"))
             # the paper's setting: the driver's own landmarks (B's face shape), against the same truth
             pairs.update(scores(networks.generate(G, cfg, t["src"], t["drv_lm"]), t["img"], "xabs_"))
-            pairs.update({"leak_" + k: [leak_score(x_gen[j], t["img"][j], worn) for j, worn in items]
+            pairs.update({"leak_" + k: [synthetic.leak_score(x_gen[j], t["img"][j], worn) for j, worn in items]
                           for k, items in t["leak"].items() if items})
         say("flicker")
         pairs["flicker"] = [flicker_ratio(G, cfg, v) for v in videos[:FLICKER_VIDEOS]]
@@ -471,16 +403,16 @@ def save_metrics(m, out):
                                   for name, r in runs])
 
 
-def write_report(groups, out_dir, split=None, data=None, n_pairs=N_EVAL, seed=SEED, device="cpu"):
+def write_report(groups, out_dir, split=None, data_root=None, n_pairs=N_EVAL, seed=SEED, device="cpu"):
     """REPORT.md for groups = {"full": [run dirs, one per seed], "no_pix": [...], ...}: the group table,
     each group's difference from "full" with p-values, every run, the figures. Returns its path."""
     run_dirs = [r for rs in groups.values() for r in rs]
-    m = metrics(run_dirs, split, data, n_pairs, seed, device)
+    m = metrics(run_dirs, split, data_root, n_pairs, seed, device)
     runs, per_run = m["runs"], save_metrics(m, out_dir)
     if len({(r["data"], r["split"]) for r in runs.values()}) > 1:
-        raise DataError(f"{out_dir}: the runs were scored on different datasets; pass data= to compare them")
+        raise DataError(f"{out_dir}: the runs were scored on different datasets; pass data_root= to compare them")
     figures = [*loss_figures(run_dirs, out_dir), heatmap_figure([rs[0] for rs in groups.values()], out_dir, split,
-                                                                 data, seed=seed, device=device)]
+                                                                 data_root, seed=seed, device=device)]
     keys = list(dict.fromkeys(k for r in runs.values() for k in r["summary"]))
     # A group's score: the mean over its seeds of each run's mean over pairs; its interval a t-interval
     # over seeds (the training randomness) with >= 2 seeds, else over the pairs of its one run.
@@ -490,7 +422,7 @@ def write_report(groups, out_dir, split=None, data=None, n_pairs=N_EVAL, seed=SE
             f"every run; judge: {m['judge']}. L1: mean |generated - target|, 0-255 (lower is better); PSNR: dB; "
             "SSIM: 11x11 Gaussian. Synthetic set: x_ = identity A driven by B's pose/expression vs its rendered "
             "truth, xabs_ = conditioned on B's own landmarks instead (the paper's use), leak_ = share of B's "
-            "glasses/beard pixels copied onto A (lower is better; see evaluate.leak_score).\n",
+            "glasses/beard pixels copied onto A (lower is better; see extras/synthetic.py: leak_score).\n",
             "## Groups: mean over seeds [95 % t-interval over seeds; over pairs for a single seed]\n",
             table(["group", "seeds"] + keys, [[g, str(len(rs))] + [cell(rs, k) for k in keys]
                                               for g, rs in groups.items()])]

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import data
-from data import N_LANDMARKS, DataError, progress
+from data import N_LANDMARKS, DataError, heatmaps, progress, to_tensor, to_uint8
 
 VGG_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
 VGG_FILE = "vgg19-dcbb9e9d.pth"
@@ -28,13 +27,12 @@ VGG_TIMEOUT = 5  # seconds; these machines are offline and must give up at once,
 # 2x2 max-pool. Building it in this order makes `features.N` the same N as in torchvision's keys.
 VGG_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
 VGG_WIDTHS = (64, 128, 256, 512, 512)  # channels of the five blocks; tests pass small ones
-# index in `features` of the ReLU after each conv (REFERENCE §4)
+# index in `features` of the ReLU after each conv, as torchvision numbers its layers
 RELU = {"relu1_1": 1, "relu1_2": 3, "relu2_1": 6, "relu2_2": 8, "relu3_1": 11, "relu3_2": 13,
         "relu3_3": 15, "relu3_4": 17, "relu4_1": 20, "relu4_2": 22, "relu4_3": 24, "relu4_4": 26,
         "relu5_1": 29, "relu5_2": 31, "relu5_3": 33, "relu5_4": 35}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def pick_device(name=None, log=print):
@@ -59,33 +57,6 @@ def pick_device(name=None, log=print):
     return device
 
 
-def matmul_peak(device, seconds=1.0):
-    """The device's own dense-matmul rate in GFLOP/s (fp32 on the CPU, bf16 on CUDA): the yardstick
-    a training step's achieved rate is measured against, taken in the same process."""
-    n = 2048 if device.type == "cpu" else 8192
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = 0.0
-    for _ in range(3):
-        reps, t0 = 0, time.time()
-        while reps == 0 or time.time() - t0 < seconds / 3:
-            a @ b
-            reps += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        best = max(best, 2 * n ** 3 * reps / (time.time() - t0) / 1e9)
-    return best
-
-
-def compile_models(modules, mode):
-    """torch.compile each module with static shapes: a run's batch never changes, and dynamic=False
-    keeps a new call pattern (a log step's extra, measured-only passes) from making every graph
-    symbolic; each (module, call pattern) compiles once. mode "reduce-overhead" also replays each
-    graph as a CUDA graph, for small batches where launching ~1,000 kernels a step is the bottleneck."""
-    mode = "default" if mode is True else mode  # True: checkpoints from before the modes
-    return [torch.compile(m, mode=mode, dynamic=False) for m in modules]
-
-
 def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
@@ -96,8 +67,8 @@ def _norm(channels):
     # on which other images share the batch. InstanceNorm normalises every image on its own.
     # GroupNorm with one group per channel is exactly affine InstanceNorm (per sample and channel:
     # (x - mean) / sqrt(var + 1e-5) * weight + bias, no running statistics) with the same state-dict
-    # keys, so old checkpoints load. It is the faster kernel on CUDA: InstanceNorm2d runs as batch
-    # norm on a reshaped tensor, 30 % of an H200 step at batch 256 (REFERENCE §7).
+    # keys. It is the faster kernel on CUDA: InstanceNorm2d runs as batch
+    # norm on a reshaped tensor (docs/speed.md has the profile).
     return nn.GroupNorm(channels, channels, eps=1e-5)
 
 
@@ -160,7 +131,7 @@ class Generator(nn.Module):
         # Symmetric up path: up block i doubles the resolution and returns down block i's width; it
         # reads the block below's output ⊕ down block i's (the skip), the innermost the bottleneck
         # alone. (pix2pix instead narrows to the next shallower width and makes its 4th up block the
-        # RGB output; that is 0.85 GFLOP/image at ngf 64 and 64 px, this is the 1.9 of REFERENCE §6.)
+        # RGB output; that is 0.85 GFLOP/image at ngf 64 and 64 px, this is 1.9, the cost the paper's size implies.)
         self.up = nn.ModuleList(
             nn.Sequential(nn.ConvTranspose2d(ch[i] + (ch[i + 1] if i < n_down - 1 else 0), ch[i], 4, 2, 1),
                           _norm(ch[i]), nn.ReLU()) for i in range(n_down - 1, -1, -1))
@@ -357,46 +328,8 @@ def generate(G, cfg, src, lm, batch=32, label=None):
     if src.shape[1] != a["size"]:
         raise DataError(f"the images are {src.shape[1]} px, the run was trained at {a['size']} px")
     for i in range(0, len(src), batch):
-        e = data.heatmaps(torch.as_tensor(np.asarray(lm[i:i + batch]), device=dev), a["size"], a["sigma"], a["window"])
-        out.append(data.to_uint8(G(data.to_tensor(np.asarray(src[i:i + batch])).to(dev), e)))
+        e = heatmaps(torch.as_tensor(np.asarray(lm[i:i + batch]), device=dev), a["size"], a["sigma"], a["window"])
+        out.append(to_uint8(G(to_tensor(np.asarray(src[i:i + batch])).to(dev), e)))
         if label:
             progress(label, i + len(e), len(src), t0)
     return np.concatenate(out)
-
-
-@torch.no_grad()
-def reenact(G, cfg, src, drv, relative, neutral=0, crop_scale=None):
-    """Generation for a whole driver: the source face (data.load_face) given every frame's landmarks of
-    the driver (data.load_driver). Returns the frames (T,S,S,3) of each panel, uint8: "source" (its
-    crop), "driver" (its frames, when it has any), "landmarks" (what G is given, as a picture),
-    "generated", and "reference" with its "reference_name": a video of the same motion to measure
-    flicker against (the driver, or on the synthetic set the source identity rendered doing it)."""
-    a = cfg["args"]
-    size, crop_scale = a["size"], crop_scale or data.CROP_SCALE
-    lms, T = drv["lms"], len(drv["lms"])
-    # Relative mode frames the driver (and the truth) once, at the neutral frame, as the source is
-    # framed once: the head moves in its crop as in the generated one. Absolute: each frame its own crop.
-    box = lambda l, t: l[neutral] if relative else l[t]
-    src_crop, src_uv = data.crop_face(src["image"], src["lm"], size, crop_scale)
-    out = {}
-    if drv["frames"] is not None:
-        driver = [data.crop_face(np.asarray(f), box(lms, t), size, crop_scale)[0]
-                  for t, f in zip(range(T), drv["frames"])]  # range first: zip stops before decoding more
-        if len(driver) < T:
-            print(f"note: {len(driver)} driver frames for {T} landmark sets; using the first {len(driver)}")
-            T = len(driver)
-        out["driver"] = out["reference"] = np.stack(driver)
-        out["reference_name"] = "driver"
-    cond = data.condition(src_uv, lms, size, crop_scale, relative, neutral)[:T]
-    out["source"] = np.repeat(src_crop[None], T, 0)
-    out["landmarks"] = np.concatenate([data.to_uint8(data.heatmap_picture(torch.as_tensor(cond[i:i + 64]), size,
-                                                                         a["sigma"], a["window"]))
-                                       for i in range(0, T, 64)])
-    out["generated"] = generate(G, cfg, out["source"], cond, label="reenact")
-    if src.get("identity") and drv["motion"]:  # synthetic: the source identity really doing the motion
-        truth = [data.render_face(src["identity"], p, e) for p, e in drv["motion"][:T]]
-        gt_lms = np.stack([lm for _, lm in truth])
-        out["reference"] = np.stack([data.crop_face(im, box(gt_lms, t), size, crop_scale)[0]
-                                     for t, (im, _) in enumerate(truth)])
-        out["reference_name"] = "ground truth"
-    return out

@@ -23,6 +23,10 @@ import torch.nn.functional as F
 # 300VW .pts files, the crop, prepare
 import data
 import evaluate
+import extras.landmarks
+import extras.reenact
+import extras.speed
+import extras.synthetic
 import facesynth
 import losses
 import networks
@@ -57,13 +61,13 @@ def make_video(root, name, n_frames=T, n_pts=T, vid=True, annot=True):
         frame[SPOT[1] - 1:SPOT[1] + 2, SPOT[0] - 1:SPOT[0] + 2] = 255
         imageio.mimwrite(d / "vid.avi", [frame] * n_frames, fps=10, codec="mpeg4", macro_block_size=16)
     for i in range(n_pts if annot else 0):
-        data.write_pts(d / "annot" / f"{i + 1:06d}.pts", face_points())
+        extras.synthetic.write_pts(d / "annot" / f"{i + 1:06d}.pts", face_points())
     return d
 
 
 def test_pts_roundtrip_and_quirks(tmp_path):
     pts = face_points()
-    data.write_pts(tmp_path / "a.pts", pts)
+    extras.synthetic.write_pts(tmp_path / "a.pts", pts)
     np.testing.assert_allclose(data.read_pts(tmp_path / "a.pts"), pts, atol=1e-3)
     text = (tmp_path / "a.pts").read_text()
     assert f"{SPOT[0] + 1:.3f} {SPOT[1] + 1:.3f}" in text  # the file itself is 1-based
@@ -80,7 +84,7 @@ def test_pts_roundtrip_and_quirks(tmp_path):
     (lambda t: " \r\n", "empty file"),
 ])
 def test_pts_malformed(tmp_path, edit, problem):
-    data.write_pts(tmp_path / "a.pts", face_points())
+    extras.synthetic.write_pts(tmp_path / "a.pts", face_points())
     (tmp_path / "a.pts").write_text(edit((tmp_path / "a.pts").read_text()))
     with pytest.raises(data.DataError, match=problem) as e:
         data.read_pts(tmp_path / "a.pts")
@@ -239,9 +243,9 @@ def _video(root, name):
 
 def test_synth_is_deterministic_for_a_seed(tmp_path):
     a, b, c = (str(tmp_path / k) for k in "abc")
-    data.synth(a, seed=0, workers=1, log=lambda *_: None, **TINY_SYNTH)
-    data.synth(b, seed=0, workers=2, log=lambda *_: None, **TINY_SYNTH)  # parallel must not change anything
-    data.synth(c, seed=1, workers=1, log=lambda *_: None, **TINY_SYNTH)
+    extras.synthetic.synth(a, seed=0, workers=1, log=lambda *_: None, **TINY_SYNTH)
+    extras.synthetic.synth(b, seed=0, workers=2, log=lambda *_: None, **TINY_SYNTH)  # parallel must not change anything
+    extras.synthetic.synth(c, seed=1, workers=1, log=lambda *_: None, **TINY_SYNTH)
     for name in ("001", "005"):
         (pa, ta, fa), (pb, tb, fb), (pc, tc, _) = (_video(r, name) for r in (a, b, c))
         assert pa == pb and ta == tb and np.array_equal(fa, fb)
@@ -252,7 +256,7 @@ def test_synth_is_deterministic_for_a_seed(tmp_path):
 
 def test_synth_layout_split_and_one_based_pts(tmp_path):
     out = str(tmp_path / "raw")
-    split = data.synth(out, n_videos=(3, 2, 1, 1), n_frames=3, size=64, workers=1, log=lambda *_: None)
+    split = extras.synthetic.synth(out, n_videos=(3, 2, 1, 1), n_frames=3, size=64, workers=1, log=lambda *_: None)
     assert split == json.load(open(os.path.join(out, "split.json")))
     assert [len(split[k]) for k in ("train", "test1", "test2", "test3")] == [3, 2, 1, 1]
     names = sum(split.values(), [])
@@ -261,22 +265,22 @@ def test_synth_layout_split_and_one_based_pts(tmp_path):
     assert len(set(identities)) == len(names)  # every test identity is unseen in training
     params = json.load(open(os.path.join(out, "002", "params.json")))
     for t, f in enumerate(params["frames"]):
-        _, lm = data.render_face(params["identity"], f["pose"], f["expression"], 64)
+        _, lm = extras.synthetic.render_face(params["identity"], f["pose"], f["expression"], 64)
         rows = open(os.path.join(out, "002", "annot", f"{t + 1:06d}.pts")).read().split("{")[1].split("}")[0].split()
         assert np.allclose(np.array(rows, float).reshape(68, 2), lm + 1, atol=1e-3)
     # a re-run keeps finished videos and renders only the missing one
     os.remove(os.path.join(out, "003", "params.json"))
     shutil.rmtree(os.path.join(out, "004"))
-    data.synth(out, n_videos=(3, 2, 1, 1), n_frames=3, size=64, workers=1, log=lambda *_: None)
+    extras.synthetic.synth(out, n_videos=(3, 2, 1, 1), n_frames=3, size=64, workers=1, log=lambda *_: None)
     assert os.path.isfile(os.path.join(out, "004", "params.json"))
     assert not os.path.isfile(os.path.join(out, "003", "params.json"))
 
 
 def test_render_face_draws_at_its_landmarks():
-    identity = data.random_identity(np.random.default_rng(0))
+    identity = extras.synthetic.random_identity(np.random.default_rng(0))
     identity.update(iris=[0, 255, 0], glasses=None, beard=None)
     for pose in (FRONT, dict(FRONT, yaw=25.0, pitch=-10.0, roll=12.0, tx=0.1, ty=-0.05)):
-        img, lm = data.render_face(identity, pose, NEUTRAL, 256)
+        img, lm = extras.synthetic.render_face(identity, pose, NEUTRAL, 256)
         assert img.shape == (256, 256, 3) and img.dtype == np.uint8 and lm.shape == (68, 2)
         at = lambda p: img[int(round(p[1])), int(round(p[0]))].astype(int)
         for o, i in ((36, 39), (45, 42)):  # outer corner, inner corner of each eye
@@ -286,7 +290,7 @@ def test_render_face_draws_at_its_landmarks():
             assert np.abs(at(c + 0.7 * r * side) - (0, 255, 0)).max() < 60  # iris around the eye centre
         assert np.abs(at(lm[[48, 54]].mean(0) + (lm[57] - lm[51]) * 0.4) - identity["lips"]).max() < 40
     # blinking closes the eye: skin where the white was; an open mouth shows its dark inside
-    img, lm = data.render_face(identity, FRONT, dict(NEUTRAL, blink=1.0, open=1.0), 256)
+    img, lm = extras.synthetic.render_face(identity, FRONT, dict(NEUTRAL, blink=1.0, open=1.0), 256)
     p = lm[36] + 0.25 * (lm[39] - lm[36])
     assert np.abs(img[int(round(p[1])), int(round(p[0]))].astype(int) - identity["skin"]).max() < 40
     p = lm[62] + 0.8 * (lm[66] - lm[62])
@@ -295,20 +299,20 @@ def test_render_face_draws_at_its_landmarks():
 
 def test_identity_attributes_toggle():
     rng = np.random.default_rng(3)
-    identity = dict(data.random_identity(rng), glasses={"colour": [0, 0, 0], "roundness": 1.0, "width": 0.04})
-    pose, expression = data.talking_motion(rng, 1)[0]
-    with_glasses, lm = data.render_face(identity, pose, expression, 128)
-    without, lm2 = data.render_face(dict(identity, glasses=None), pose, expression, 128)
+    identity = dict(extras.synthetic.random_identity(rng), glasses={"colour": [0, 0, 0], "roundness": 1.0, "width": 0.04})
+    pose, expression = extras.synthetic.talking_motion(rng, 1)[0]
+    with_glasses, lm = extras.synthetic.render_face(identity, pose, expression, 128)
+    without, lm2 = extras.synthetic.render_face(dict(identity, glasses=None), pose, expression, 128)
     assert np.array_equal(lm, lm2) and not np.array_equal(with_glasses, without)
 
 
 def test_talking_motion_ranges_and_smoothness():
     rng = np.random.default_rng(7)
-    motion = data.talking_motion(rng, 2000)
+    motion = extras.synthetic.talking_motion(rng, 2000)
     json.dumps(motion)
     pose = {k: np.array([p[k] for p, _ in motion]) for k in motion[0][0]}
     expr = {k: np.array([e[k] for _, e in motion]) for k in motion[0][1]}
-    for k, m in data.MAX_POSE.items():
+    for k, m in extras.synthetic.MAX_POSE.items():
         assert np.abs(pose[k]).max() <= m and np.abs(pose[k]).max() > 0.3 * m
         assert np.abs(np.diff(pose[k])).max() < 3  # degrees per frame: smooth
     assert pose["scale"].min() > 0
@@ -320,18 +324,18 @@ def test_talking_motion_ranges_and_smoothness():
 
 def test_ensure_synthetic_builds_once_then_reuses(tmp_path, monkeypatch):
     tiny = dict(n_frames=3, n_videos=(2, 1, 1, 1), raw_size=96, size=32, workers=1, log=lambda *_: None)
-    root = data.ensure_synthetic(str(tmp_path / "cache"), **tiny)
+    root = extras.synthetic.ensure_synthetic(str(tmp_path / "cache"), **tiny)
     split = json.load(open(os.path.join(root, "split.json")))
     assert [len(split[k]) for k in ("train", "test1", "test2", "test3")] == [2, 1, 1, 1]
     assert os.path.isfile(os.path.join(root, "001", "params.json"))
-    monkeypatch.setattr(data, "_synth_prepared", lambda *a, **k: pytest.fail("regenerated a cached set"))
-    assert data.ensure_synthetic(str(tmp_path / "cache"), **tiny) == root
+    monkeypatch.setattr(extras.synthetic, "_synth_prepared", lambda *a, **k: pytest.fail("regenerated a cached set"))
+    assert extras.synthetic.ensure_synthetic(str(tmp_path / "cache"), **tiny) == root
     # an interrupted build (no split.json yet) is resumed: only the missing video is rendered
     os.remove(os.path.join(root, "split.json"))
     shutil.rmtree(os.path.join(root, "004"))
     rendered = []
-    monkeypatch.setattr(data, "_synth_prepared", lambda job: rendered.append(job[1]) or 0)
-    data.ensure_synthetic(str(tmp_path / "cache"), **tiny)
+    monkeypatch.setattr(extras.synthetic, "_synth_prepared", lambda job: rendered.append(job[1]) or 0)
+    extras.synthetic.ensure_synthetic(str(tmp_path / "cache"), **tiny)
     assert rendered == [3] and json.load(open(os.path.join(root, "split.json"))) == split
 
 
@@ -341,9 +345,9 @@ def test_ensure_synthetic_needs_no_ffmpeg_and_matches_synth_then_prepare(tmp_pat
     with monkeypatch.context() as m:  # importing either would fail now
         m.setitem(sys.modules, "imageio_ffmpeg", None)
         m.setitem(sys.modules, "imageio", None)
-        direct = data.ensure_synthetic(str(tmp_path / "cache"), seed=2, n_frames=4, n_videos=(2, 1, 1, 1), raw_size=96,
+        direct = extras.synthetic.ensure_synthetic(str(tmp_path / "cache"), seed=2, n_frames=4, n_videos=(2, 1, 1, 1), raw_size=96,
                                        size=32, workers=2, log=lambda *_: None)
-    data.synth(str(tmp_path / "raw"), seed=2, n_frames=4, n_videos=(2, 1, 1, 1), size=96, workers=1, log=lambda *_: None)
+    extras.synthetic.synth(str(tmp_path / "raw"), seed=2, n_frames=4, n_videos=(2, 1, 1, 1), size=96, workers=1, log=lambda *_: None)
     data.prepare(str(tmp_path / "raw"), str(tmp_path / "prep"), size=32, workers=1, log=lambda *_: None)
     via = str(tmp_path / "prep")
     assert json.load(open(os.path.join(direct, "prepare.json"))) == {
@@ -360,7 +364,7 @@ def test_ensure_synthetic_needs_no_ffmpeg_and_matches_synth_then_prepare(tmp_pat
     params = json.load(open(os.path.join(direct, "002", "params.json")))
     frames, lms = np.load(os.path.join(direct, "002", "frames.npy")), np.load(os.path.join(direct, "002", "landmarks.npy"))
     for t, f in enumerate(params["frames"]):
-        img, lm = data.render_face(params["identity"], f["pose"], f["expression"], 96)
+        img, lm = extras.synthetic.render_face(params["identity"], f["pose"], f["expression"], 96)
         side = 1.8 * (lm.max(0) - lm.min(0)).max()
         corner = (lm.max(0) + lm.min(0)) / 2 - side / 2  # the square's top-left, where pixel i's centre is at i
         assert np.allclose(lms[t], (lm - corner) * 32 / side - 0.5, atol=1e-3)  # crop pixel u's centre: u + 0.5 in
@@ -1173,9 +1177,9 @@ def test_bench_compares_fast_and_plain_per_term_on_a_real_batch(blobs, capsys):
     assert max(by_term.values()) < 1e-4 and res["fast_vs_plain_grad_rel"] < 1e-4
     # CUDA's precision policy, bf16 emulated on the CPU: only VGG's terms move, G's own stay fp32-exact
     args = {"ngf": 8, "n_down": 4, "ndf": 8, "vgg_widths": [4, 4, 8, 8, 8], "batch_size": 2, "data": blobs}
-    b, _ = facesynth.bench_batch(args, torch.device("cpu"))
+    b, _ = extras.speed.bench_batch(args, torch.device("cpu"), facesynth.CACHE)
     lam = losses.lambdas({"adv": 0, "self": 0, "triple": 0, "id": 0})
-    _, bf16 = facesynth.fast_vs_plain(args, torch.device("cpu"), b, lam, {"size": 32, "sigma": 1.0, "window": 7}, amp=True)
+    _, bf16 = extras.speed.fast_vs_plain(facesynth.train_step, facesynth.bench_models, args, torch.device("cpu"), b, lam, {"size": 32, "sigma": 1.0, "window": 7}, amp=True)
     assert set(bf16) == {"pix", "pp", "G"} and bf16["pix"] < 1e-4 and 1e-3 < bf16["pp"] < 0.5
 
 
@@ -1187,12 +1191,12 @@ def test_compiled_step_makes_its_graphs_once_and_matches_eager(blobs, monkeypatc
     from torch._dynamo.utils import counters
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     args = {"ngf": 8, "n_down": 4, "ndf": 8, "vgg_widths": [4, 4, 8, 8, 8], "batch_size": 2, "data": blobs}
-    b, _ = facesynth.bench_batch(args, torch.device("cpu"))
+    b, _ = extras.speed.bench_batch(args, torch.device("cpu"), facesynth.CACHE)
     lam, cfg = losses.lambdas(ablate=["consistency"]), {"size": 32, "sigma": 1.0, "window": 7}
     runs = {}
     for compiled in (False, True):
         G, D, vgg, (opt_G, opt_D) = facesynth.bench_models(args, torch.device("cpu"))
-        models = networks.compile_models((G, D, vgg), "default") if compiled else (G, D, vgg)
+        models = extras.speed.compile_models((G, D, vgg), "default") if compiled else (G, D, vgg)
         torch._dynamo.reset()
         counters.clear()
         runs[compiled], graphs = [], []
@@ -1532,7 +1536,7 @@ def synthetic(tmp_path_factory):
     """A tiny synthetic set (4 videos of 4 frames, rendered at 64 px, prepared at 32) and a run on it."""
     import data
     tmp = tmp_path_factory.mktemp("syn")
-    data.synth(str(tmp / "raw"), n_videos=(1, 3, 0, 0), n_frames=4, size=64, workers=1, log=lambda *a: None)
+    extras.synthetic.synth(str(tmp / "raw"), n_videos=(1, 3, 0, 0), n_frames=4, size=64, workers=1, log=lambda *a: None)
     data.prepare(str(tmp / "raw"), str(tmp / "prep"), size=S, workers=1, log=lambda *a: None)
     return tmp / "prep", make_run(tmp / "run", tmp / "prep")
 
@@ -1541,15 +1545,15 @@ def test_cross_identity_ground_truth(synthetic):
     root, _ = synthetic
     split, videos = evaluate.videos_of(str(root))
     prep = json.load(open(root / "prepare.json"))
-    t = evaluate.cross_targets(str(root), split, videos, 6)
+    t = extras.synthetic.cross_targets(str(root), split, videos, 6)
     for i, (a, s, b, j) in enumerate(t["pairs"]):
         A, B, frame = videos[a]["params"]["identity"], videos[b]["params"]["identity"], videos[b]["params"]["frames"][j]
         assert a != b and np.array_equal(t["src"][i], videos[a]["frames"][s])
         assert np.array_equal(t["drv_lm"][i], videos[b]["landmarks"][j])
-        img, lm = evaluate.render_crop(A, frame, prep)  # the truth: A's identity, B's pose and expression
+        img, lm = extras.synthetic.render_crop(A, frame, prep)  # the truth: A's identity, B's pose and expression
         assert np.array_equal(t["img"][i], img) and np.array_equal(t["lm"][i], lm)
         # the same recipe with B's own identity reproduces B's prepared frame: it is the driver's pose
-        img_b, lm_b = evaluate.render_crop(B, frame, prep)
+        img_b, lm_b = extras.synthetic.render_crop(B, frame, prep)
         assert np.abs(lm_b - videos[b]["landmarks"][j]).max() < 0.01
         assert np.abs(img_b.astype(float) - videos[b]["frames"][j]).mean() < 8  # video coding only
         # ... and with A's identity it is A's face: A's shape, A's colours
@@ -1562,19 +1566,18 @@ def test_leak_score():
     bare = np.zeros((8, 8, 3), np.uint8)
     worn = bare.copy()
     worn[2:4] = 200  # the "glasses"
-    assert evaluate.leak_score(worn, bare, worn) == 1 and evaluate.leak_score(bare, bare, worn) == 0
+    assert extras.synthetic.leak_score(worn, bare, worn) == 1 and extras.synthetic.leak_score(bare, bare, worn) == 0
     half = bare.copy()
     half[2] = 180
-    assert evaluate.leak_score(half, bare, worn) == 0.5 and np.isnan(evaluate.leak_score(bare, bare, bare))
+    assert extras.synthetic.leak_score(half, bare, worn) == 0.5 and np.isnan(extras.synthetic.leak_score(bare, bare, bare))
 
 
 def test_metrics_on_synthetic_set(synthetic, monkeypatch):
-    import data
     monkeypatch.setitem(sys.modules, "dlib", None)
     root, run = synthetic
     split, videos = evaluate.videos_of(str(root))
     rng = np.random.default_rng(0)
-    worn = next(i for i in iter(lambda: data.random_identity(rng), None) if i["glasses"])
+    worn = next(i for i in iter(lambda: extras.synthetic.random_identity(rng), None) if i["glasses"])
     for k, v in enumerate(videos):  # the first identity bare, the others with glasses: leak pairs exist
         v["params"]["identity"].update(glasses=worn["glasses"] if k else None)
     m = evaluate.metrics([str(run)], n_pairs=8)
@@ -1588,7 +1591,7 @@ def test_judge_when_dlib_is_installed(synthetic):
     pytest.importorskip("dlib")
     root, _ = synthetic
     src, src_lm, tgt, tgt_lm = evaluate.gather(evaluate.videos_of(str(root))[1], 4)
-    j = evaluate.judge_scores(tgt, src, src_lm, tgt_lm)  # a perfect generator
+    j = extras.landmarks.judge_scores(tgt, src, src_lm, tgt_lm)  # a perfect generator
     assert max(j["lm_err"]) < 0.5 and max(j["id_dist"]) < 0.6
 
 
@@ -1613,14 +1616,14 @@ def ckpt(tmp_path_factory):
 
 def face(seed=0, size=64):
     rng = np.random.default_rng(seed)
-    identity, motion = data.random_identity(rng), data.talking_motion(rng, 8)
-    return identity, motion, [data.render_face(identity, p, e, size) for p, e in motion]
+    identity, motion = extras.synthetic.random_identity(rng), extras.synthetic.talking_motion(rng, 8)
+    return identity, motion, [extras.synthetic.render_face(identity, p, e, size) for p, e in motion]
 
 
 def run(ckpt, *argv):
     p = argparse.ArgumentParser()
-    facesynth.add_reenact_options(p)
-    return facesynth.reenact(p.parse_args(["--ckpt", ckpt, "--device", "cpu", *argv]))
+    extras.reenact.add_options(p)
+    return facesynth.reenact(vars(p.parse_args(["--ckpt", ckpt, "--device", "cpu", *argv])))
 
 
 def cli_error(capsys, *argv):
@@ -1633,40 +1636,40 @@ def cli_error(capsys, *argv):
 def test_retarget_static_driver_keeps_the_source():
     src = face(0)[2][0][1]
     drv = np.repeat(face(1)[2][0][1][None], 5, 0)
-    np.testing.assert_allclose(data.retarget(src, drv), np.repeat(src[None], 5, 0), atol=1e-5)
+    np.testing.assert_allclose(extras.reenact.retarget(src, drv), np.repeat(src[None], 5, 0), atol=1e-5)
 
 
 def test_retarget_translation_is_scaled_by_face_size():
     src = face(0)[2][0][1]
     base = src * 0.5 + 7  # the driver's face: half the source's size, elsewhere in its frame
     shift = np.arange(4, dtype=np.float32)[:, None, None] * np.float32([3, -2])
-    out = data.retarget(src, base + shift, neutral=0)
+    out = extras.reenact.retarget(src, base + shift, neutral=0)
     np.testing.assert_allclose(out, src + 2 * shift, atol=1e-4)
     # another neutral frame: the motion is measured from there
-    np.testing.assert_allclose(data.retarget(src, base + shift, neutral=2)[2], src, atol=1e-4)
+    np.testing.assert_allclose(extras.reenact.retarget(src, base + shift, neutral=2)[2], src, atol=1e-4)
 
 
 def test_to_crop_is_crop_face_and_absolute_returns_the_driver():
     frames = face(2)[2]
     for img, lm in frames:
-        np.testing.assert_allclose(data.to_crop(lm, lm, SIZE, 1.8), data.crop_face(img, lm, SIZE, 1.8)[1], atol=1e-4)
+        np.testing.assert_allclose(extras.reenact.to_crop(lm, lm, SIZE, 1.8), data.crop_face(img, lm, SIZE, 1.8)[1], atol=1e-4)
     drv = np.stack([data.crop_face(img, lm, SIZE, 1.8)[1] for img, lm in frames])  # as a prepared video has them
     src_uv = data.crop_face(*face(3)[2][0], SIZE, 1.8)[1]
-    np.testing.assert_allclose(data.condition(src_uv, drv, SIZE, 1.8, relative=False), drv, atol=1e-4)
-    assert not np.allclose(data.condition(src_uv, drv, SIZE, 1.8, relative=True), drv, atol=0.5)
+    np.testing.assert_allclose(extras.reenact.condition(src_uv, drv, SIZE, 1.8, relative=False), drv, atol=1e-4)
+    assert not np.allclose(extras.reenact.condition(src_uv, drv, SIZE, 1.8, relative=True), drv, atol=0.5)
 
 
 def test_relative_recovers_the_source_doing_the_drivers_motion():
     """Synthetic truth: identity A rendered with B's motion. With A's source frame in B's neutral pose,
     retargeting B's landmarks lands on A's own (fixed crop), far closer than B's absolute ones do."""
-    _, A, _ = data.synthetic("s", "60", 1)
-    _, B, motion = data.synthetic("s", "61", 30)
-    drv = np.stack([data.render_face(B, p, e)[1] for p, e in motion])
-    truth = np.stack([data.render_face(A, p, e)[1] for p, e in motion])
-    src_uv = data.to_crop(truth[0], truth[0], 64, 1.8)
+    _, A, _ = extras.synthetic.identity_spec("s", "60", 1)
+    _, B, motion = extras.synthetic.identity_spec("s", "61", 30)
+    drv = np.stack([extras.synthetic.render_face(B, p, e)[1] for p, e in motion])
+    truth = np.stack([extras.synthetic.render_face(A, p, e)[1] for p, e in motion])
+    src_uv = extras.reenact.to_crop(truth[0], truth[0], 64, 1.8)
     err = lambda x, y: np.linalg.norm(x - y, axis=-1).mean()
-    rel = err(data.condition(src_uv, drv, 64, 1.8), [data.to_crop(t, truth[0], 64, 1.8) for t in truth])
-    ab = err(data.condition(src_uv, drv, 64, 1.8, relative=False), [data.to_crop(t, t, 64, 1.8) for t in truth])
+    rel = err(extras.reenact.condition(src_uv, drv, 64, 1.8), [extras.reenact.to_crop(t, truth[0], 64, 1.8) for t in truth])
+    ab = err(extras.reenact.condition(src_uv, drv, 64, 1.8, relative=False), [extras.reenact.to_crop(t, t, 64, 1.8) for t in truth])
     assert rel < 0.3 and rel < ab / 3
 
 
@@ -1701,7 +1704,7 @@ def test_synthetic_video_reads_back(ckpt, tmp_path, ext):
 def test_image_source_and_landmarks_only_driver(ckpt, tmp_path):
     (img, lm), drv = face(0, 96)[2][0], np.stack([l for _, l in face(1)[2]])
     Image.fromarray(img).save(tmp_path / "me.png")
-    data.write_pts(tmp_path / "me.pts", lm)
+    extras.synthetic.write_pts(tmp_path / "me.pts", lm)
     np.save(tmp_path / "drv.npy", drv)
     res = run(ckpt, "--source", str(tmp_path / "me.png"), "--driver", str(tmp_path / "drv.npy"),
               "--out", str(tmp_path / "o.gif"), "--zoom", "2")
@@ -1716,7 +1719,7 @@ def test_prepared_and_300vw_drivers(ckpt, tmp_path):
     with imageio.v2.get_writer(raw / "vid.avi", fps=25, codec="libx264", macro_block_size=1) as w:
         for t, (img, lm) in enumerate(frames):
             w.append_data(img)
-            data.write_pts(raw / "annot" / f"{t + 1:06d}.pts", lm)
+            extras.synthetic.write_pts(raw / "annot" / f"{t + 1:06d}.pts", lm)
     prep = tmp_path / "prep"
     os.makedirs(prep)
     np.save(prep / "frames.npy", np.stack([data.crop_face(i, l, 48)[0] for i, l in frames]))
@@ -1734,12 +1737,12 @@ def test_bad_drivers_name_the_file(ckpt, tmp_path, capsys):
     gap = tmp_path / "gap"
     os.makedirs(gap)
     for t in (1, 2, 4):
-        data.write_pts(gap / f"{t:06d}.pts", lms[t])
+        extras.synthetic.write_pts(gap / f"{t:06d}.pts", lms[t])
     assert f"{gap / '000003.pts'}: missing" in cli_error(capsys, *base, "--driver", str(gap))
     bad = tmp_path / "bad"
     os.makedirs(bad)
     for t in (1, 2):
-        data.write_pts(bad / f"{t:06d}.pts", lms[t])
+        extras.synthetic.write_pts(bad / f"{t:06d}.pts", lms[t])
     (bad / "000002.pts").write_text("version: 1\nn_points: 68\n{\n" + "1 2\n" * 67 + "x y\n}\n")
     assert f"{bad / '000002.pts'}: bad point line" in cli_error(capsys, *base, "--driver", str(bad))
     np.save(tmp_path / "flat.npy", np.zeros((5, 136), np.float32))
@@ -1753,9 +1756,9 @@ def test_bad_drivers_name_the_file(ckpt, tmp_path, capsys):
 def no_dlib(monkeypatch):
     """As if the optional extra were not installed (`import dlib` fails), with no detector cached."""
     monkeypatch.setitem(sys.modules, "dlib", None)
-    data.landmark_detector.cache_clear()
+    extras.landmarks.landmark_detector.cache_clear()
     yield
-    data.landmark_detector.cache_clear()
+    extras.landmarks.landmark_detector.cache_clear()
 
 
 def test_bad_sources_name_the_file(ckpt, tmp_path, capsys, no_dlib):
@@ -1770,7 +1773,7 @@ def test_bad_sources_name_the_file(ckpt, tmp_path, capsys, no_dlib):
         f"error: {me}: no {pts} beside it to give its landmarks, and automatic landmarks need dlib and its "
         f"models: pip install dlib-bin face-recognition-models\n")
     lm[30] = (1e7, 40)
-    data.write_pts(pts, lm)
+    extras.synthetic.write_pts(pts, lm)
     assert cli_error(capsys, *base, str(me)) == (
         f"error: {pts}: a landmark lies more than a frame size outside the 64x64 image {me}\n")
 
@@ -1835,16 +1838,16 @@ def test_smoothing_removes_jitter_keeps_motion_and_blinks_and_fills_gaps():
     face = face_points() * 2  # ~80 px
     jitter = lambda l: np.linalg.norm(np.diff(l, axis=0), axis=-1).mean()
     still = (face + np.random.default_rng(0).normal(0, 0.5, (40, 68, 2))).astype(np.float32)
-    smooth, found = data.smooth_track(still)
+    smooth, found = extras.landmarks.smooth_track(still)
     assert found.all() and jitter(smooth) < jitter(still) / 4
     pan = (face + np.arange(40)[:, None, None] * np.float32([2, -1])).astype(np.float32)
-    np.testing.assert_allclose(data.smooth_track(pan)[0], pan, atol=0.01)  # no lag, at the ends neither
+    np.testing.assert_allclose(extras.landmarks.smooth_track(pan)[0], pan, atol=0.01)  # no lag, at the ends neither
     blink = np.repeat(face[None], 40, 0)
     blink[18:21, 37:42, 1] += np.float32([2, 4, 2])[:, None]  # the upper lid, down 4 px and up in 3 frames
-    assert (data.smooth_track(blink)[0][18:21, 37:42, 1] - face[37:42, 1]).max(0).min() > 0.6 * 4
+    assert (extras.landmarks.smooth_track(blink)[0][18:21, 37:42, 1] - face[37:42, 1]).max(0).min() > 0.6 * 4
     gaps = pan.copy()
     gaps[[0, 1, 10, 11]] = np.nan  # no face there
-    smooth, found = data.smooth_track(gaps)
+    smooth, found = extras.landmarks.smooth_track(gaps)
     assert found.tolist() == [t not in (0, 1, 10, 11) for t in range(40)]
     for t, last in ((0, 2), (1, 2), (10, 9), (11, 9)):  # the last landmarks (the first before any)
         np.testing.assert_array_equal(smooth[t], smooth[last])
@@ -1856,22 +1859,22 @@ def test_without_dlib_every_detector_feature_says_what_to_install(tmp_path, caps
     os.makedirs(tmp_path / "videos")
     vid = clip(tmp_path / "videos" / "a.mp4", np.zeros((8, 8, 3), np.uint8), PATH[:3])
     with pytest.raises(data.DataError) as e:
-        data.load_driver(vid)
+        extras.reenact.load_driver(vid)
     assert str(e.value) == f"{vid}: a plain video has no landmarks to read, and {hint}"
     with pytest.raises(SystemExit) as e:
         facesynth.main(["prepare", str(tmp_path / "videos"), str(tmp_path / "out")])
     assert e.value.code == 2 and capsys.readouterr().err == (
         f"error: {tmp_path / 'videos'}: its 1 plain video(s) have no landmarks to read, and {hint}\n")
     assert not (tmp_path / "out").exists()  # stopped before any work
-    assert evaluate.judge_scores(None, None, None, None) is None  # the judge skips, as before
+    assert extras.landmarks.judge_scores(None, None, None, None) is None  # the judge skips, as before
 
 
 @needs_dlib
 @pytest.mark.parametrize("ext", ["mp4", "gif"])
 def test_detected_landmarks_follow_a_known_motion(astronaut, tmp_path, ext):
     vid = clip(tmp_path / f"clip.{ext}", astronaut)
-    raw = data.track(data.decode(vid))
-    lms, found = data.detect_video(vid)
+    raw = extras.landmarks.track(data.decode(vid))
+    lms, found = extras.landmarks.detect_video(vid)
     assert found.all() and lms.shape == (CLIP_T, 68, 2) and lms.dtype == np.float32
     for l in (raw, lms):
         moved = l.mean(1) - l[0].mean(0)  # the face's motion since frame 0, from its 68 points
@@ -1887,14 +1890,14 @@ def test_detected_landmarks_follow_a_known_motion(astronaut, tmp_path, ext):
 @needs_dlib
 def test_smoothing_removes_detection_jitter_on_a_still_noisy_face(astronaut, tmp_path):
     vid = clip(tmp_path / "still.mp4", astronaut, [PATH[0]] * CLIP_T, noise=4)
-    raw = data.track(data.decode(vid))
+    raw = extras.landmarks.track(data.decode(vid))
     jitter = lambda l: np.linalg.norm(np.diff(l, axis=0), axis=-1).mean()
-    assert jitter(raw) > 0.2 and jitter(data.smooth_track(raw)[0]) < jitter(raw) / 3
+    assert jitter(raw) > 0.2 and jitter(extras.landmarks.smooth_track(raw)[0]) < jitter(raw) / 3
 
 
 @needs_dlib
 def test_a_frame_without_a_face_keeps_the_last_landmarks_and_is_counted(astronaut, tmp_path):
-    drv = data.load_driver(clip(tmp_path / "gaps.mp4", astronaut, blank=(0, 5)))
+    drv = extras.reenact.load_driver(clip(tmp_path / "gaps.mp4", astronaut, blank=(0, 5)))
     assert drv["no_face"] == 2 and len(drv["lms"]) == CLIP_T
     np.testing.assert_array_equal(drv["lms"][0], drv["lms"][1])  # before the first face: the first
     np.testing.assert_array_equal(drv["lms"][5], drv["lms"][4])
@@ -1912,7 +1915,7 @@ def test_prepare_plain_videos_then_train(astronaut, tmp_path):
     shutil.copy(src / "a.mp4", src / "a.mpg")  # the name a is a.mp4's, the first by file name
     (src / "notes.txt").write_text("not a video")
     logs = []
-    s = data.prepare(src, out, size=32, workers=2, log=logs.append)
+    s = data.prepare(src, out, size=32, workers=2, detector=extras.landmarks.video_detector, log=logs.append)
     assert sorted(logs[:-1]) == sorted([
         "skip a.mpg: the name a is already a.mp4's (rename one)",
         f"c: {src / 'c.gif'}: no face found in 1 of 12 frames; those are left out",
@@ -1941,8 +1944,8 @@ def test_reenact_own_image_and_video_without_landmark_files(ckpt, astronaut, tmp
     with imageio.v2.get_reader(tmp_path / "o.mp4", "ffmpeg") as r:
         assert np.stack([f for f in r]).shape[:3] == (CLIP_T, 256, 4 * 256)  # source | driver | landmarks | generated
     # The source's landmarks, detected on the head alone, are the driver's first ones less the offset.
-    src = data.load_face(str(tmp_path / "me.png"))["lm"]
-    assert np.abs(src - (data.load_driver(vid)["lms"][0] - PATH[0])).max() < 3.0
+    src = extras.reenact.load_face(str(tmp_path / "me.png"))["lm"]
+    assert np.abs(src - (extras.reenact.load_driver(vid)["lms"][0] - PATH[0])).max() < 3.0
 
 
 # the command line: a bad option or file is one line `error: ...` naming it, never a traceback

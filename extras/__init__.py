@@ -1,0 +1,8 @@
+"""What the paper never had, one idea a file, beside its pipeline at the top level:
+
+    synthetic.py   talking heads drawn from their 68 landmarks: the built-in dataset and exact ground truths
+    landmarks.py   automatic 68-point landmarks for own photos and videos (the optional dlib extra)
+    reenact.py     reenact's sources and drivers in every format, retargeting, generation for a whole driver
+
+They import the top level's data.py (and reenact.py networks.py); data.py and losses.py import nothing here.
+"""
