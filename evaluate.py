@@ -290,10 +290,11 @@ def generated_pairs(run_dirs, split, data_root, n, seed, device):
     return src, dots(src_lm), tgt, dots(tgt_lm), [networks.generate(G, cfg, src, tgt_lm) for G, cfg in runs]
 
 
-def sample_grid(path, b, fake, size, n=4):
-    """Rows of (source, target landmarks, generated, target): what G saw and what it drew."""
+def sample_grid(path, b, fake, size, sigma, window, n=4):
+    """Rows of (source, target landmarks, generated, target): what G saw and what it drew. The
+    landmarks are drawn with the run's sigma and window, as G was given them."""
     n = min(n, len(fake))
-    lm = data.heatmap_picture(b["lm_t"][:n], size)
+    lm = data.heatmap_picture(b["lm_t"][:n], size, sigma, window)
     cols = [b["I_s"][:n], lm, fake[:n].float(), b["I_t"][:n]]
     rows = [np.concatenate(list(data.to_uint8(c[i:i + 1])[0] for c in cols), axis=1) for i in range(n)]
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)

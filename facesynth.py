@@ -214,7 +214,8 @@ def save_sample(G, b, args, out, step):
     """samples/step_NNNNNN.png: the batch's first sources, the target landmarks G got, G's drawing, the targets."""
     with torch.no_grad():
         fake = G(b["I_s"][:4], data.heatmaps(b["lm_t"][:4], args["size"], args["sigma"], args["window"]))
-    evaluate.sample_grid(os.path.join(out, "samples", f"step_{step:06d}.png"), b, fake, args["size"])
+    evaluate.sample_grid(os.path.join(out, "samples", f"step_{step:06d}.png"), b, fake, args["size"],
+                         args["sigma"], args["window"])
 
 
 def ranks_agree(G, D, world, device, log):
