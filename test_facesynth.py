@@ -154,9 +154,9 @@ def test_prepare_good_faulty_and_rerun(tmp_path):
     frames, marks = np.load(out / "001" / "frames.npy"), np.load(out / "001" / "landmarks.npy")
     assert frames.dtype == np.uint8 and frames.shape == (T, 64, 64, 3)
     assert marks.dtype == np.float32 and marks.shape == (T, 68, 2)
-    # The landmark on the blob (1-based in the file) lands on the blob in the crop: scale and offset.
-    x0, y0, side = data.crop_box(face_points(), data.CROP_SCALE)
-    u, v = (np.array(SPOT) + 0.5 - (x0, y0)) * 64 / side - 0.5
+    # The landmark on the blob (1-based in the file) lands on the blob in the crop: face_points' box is
+    # 40 x 36 px around SPOT, so the 1.8 x 40 = 72-px square is centred on it: SPOT -> (63 / 2, 63 / 2).
+    u = v = 31.5
     np.testing.assert_allclose(marks[:, 30], np.tile([u, v], (T, 1)), atol=1e-4)
     for f in frames:
         y, x = np.unravel_index(f.astype(int).sum(-1).argmax(), (64, 64))
@@ -312,7 +312,7 @@ def test_talking_motion_ranges_and_smoothness():
     json.dumps(motion)
     pose = {k: np.array([p[k] for p, _ in motion]) for k in motion[0][0]}
     expr = {k: np.array([e[k] for _, e in motion]) for k in motion[0][1]}
-    for k, m in extras.synthetic.MAX_POSE.items():
+    for k, m in {"yaw": 30.0, "pitch": 15.0, "roll": 15.0}.items():  # degrees: the talking-head range
         assert np.abs(pose[k]).max() <= m and np.abs(pose[k]).max() > 0.3 * m
         assert np.abs(np.diff(pose[k])).max() < 3  # degrees per frame: smooth
     assert pose["scale"].min() > 0
@@ -494,6 +494,29 @@ def test_flip_moves_both_images_and_all_three_landmark_sets(blobs):
                 assert (img[0, y, x] > 0.9).all()
             seen.add(bool(f))
     assert seen == {False, True}
+
+
+def test_triplets_swap_ends_half_the_time_and_respect_max_gap():
+    """The docstring's promises, counted over many draws: every frame equally likely (a 9-frame video
+    drawn 3x as often as a 3-frame one), source after target as often as before, the middle strictly
+    between them, and with max_gap the source and target at most max_gap frames apart."""
+    lengths = (3, 9)
+    videos = [{"name": str(T), "landmarks": np.zeros((T, 68, 2), np.float32)} for T in lengths]
+    n = 4000  # a share's standard deviation is 0.008: +-0.04 is 5 of them
+    tri = data.sample_triplets(videos, n, seed=0, epoch=0)
+    v, s, m, t, flip = tri.T
+    assert np.mean(v == 1) == pytest.approx(9 / 12, abs=0.04)
+    assert np.mean(s < t) == pytest.approx(0.5, abs=0.04) and np.mean(s > t) == pytest.approx(0.5, abs=0.04)
+    assert ((np.minimum(s, t) < m) & (m < np.maximum(s, t))).all()
+    assert np.mean(flip == 1) == pytest.approx(0.5, abs=0.04)
+    long = [{"name": "long", "landmarks": np.zeros((20, 68, 2), np.float32)}]
+    gaps = lambda max_gap: np.abs(np.subtract(*data.sample_triplets(long, n, 1, 0, max_gap)[:, [1, 3]].T))
+    assert (gaps(2) == 2).all()  # three distinct frames within 2 of each other: the ends are 2 apart
+    g = gaps(5)
+    assert g.max() == 5 and g.min() == 2 and np.mean(g < 5) > 0.2
+    assert gaps(None).max() == 19  # unlimited: the whole video
+    s = data.sample_triplets(long, n, 1, 0)[:, 1]
+    assert np.mean(s < 10) == pytest.approx(0.5, abs=0.04)  # a swapped pair, not only early sources
 
 
 
@@ -680,6 +703,138 @@ def test_discriminator_shape_and_per_sample():
     assert logits.shape == (3,)
     assert torch.allclose(D(img[2:], hm[2:]), logits[2:], atol=1e-5)
     assert sum(isinstance(m, nn.Conv2d) and m.stride == (2, 2) for m in D.modules()) == 3
+
+
+# The architecture as the paper and pix2pix describe it (Isola et al. 2017: 4x4 convolutions of stride 2,
+# down and up; the PatchGAN ends in a stride-1 conv to one logit per patch) with the paper's
+# "4 down blocks, 1 residual block (two 3x3 convs, He et al. 2016), 4 up blocks", written out by hand:
+# (kind, in channels, out channels, kernel, stride, padding) at ngf = ndf = 8 and 68 heatmaps.
+G_LAYERS = [("conv", 71, 8, 4, 2, 1), ("conv", 8, 16, 4, 2, 1),          # down: 3 + 68 channels in
+            ("conv", 16, 32, 4, 2, 1), ("conv", 32, 64, 4, 2, 1),
+            ("conv", 64, 64, 3, 1, 1), ("conv", 64, 64, 3, 1, 1),         # the residual block's branch
+            ("up", 64, 64, 4, 2, 1), ("up", 64 + 32, 32, 4, 2, 1),       # each up block reads the one below
+            ("up", 32 + 16, 16, 4, 2, 1), ("up", 16 + 8, 8, 4, 2, 1),    # ⊕ the matching down block's
+            ("conv", 8, 3, 3, 1, 1)]                                      # to RGB at full resolution
+D_LAYERS = [("conv", 71, 8, 4, 2, 1), ("conv", 8, 8, 4, 2, 1), ("conv", 8, 8, 4, 2, 1),
+            ("conv", 8, 1, 3, 1, 1)]
+
+
+def convs(model):
+    kind = lambda m: "up" if isinstance(m, nn.ConvTranspose2d) else "conv"
+    return [(kind(m), m.in_channels, m.out_channels, *m.kernel_size[:1], *m.stride[:1], *m.padding[:1])
+            for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+
+
+def test_every_conv_has_the_papers_kernel_and_stride():
+    assert convs(networks.Generator(ngf=8, n_down=4)) == G_LAYERS
+    assert convs(networks.Discriminator(ndf=8)) == D_LAYERS
+    assert all(m.kernel_size[0] == m.kernel_size[1] and m.stride[0] == m.stride[1]
+               for M in (networks.Generator(ngf=8), networks.Discriminator(ndf=8)) for m in M.modules()
+               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))
+
+
+def test_discriminators_receptive_field_by_hand_and_by_gradient():
+    """Each output pixel of D judges a patch. Back from one output pixel through (kernel k, stride s):
+    r -> (r - 1) s + k: 1 -> 3 (3x3/1) -> 8 -> 18 -> 38 (three 4x4/2): a 38-px patch. The probe: the
+    input pixels an output pixel's gradient reaches. Instance norm's mean and variance span the whole
+    image (every pixel feeds them), so the probe swaps the norms for identities to see the convs' patch."""
+    rf = 1
+    for _, _, _, k, s, _ in reversed(D_LAYERS):
+        rf = (rf - 1) * s + k
+    assert rf == 38
+    torch.manual_seed(0)
+    D = networks.Discriminator(ndf=8)
+    D.net = nn.Sequential(*[nn.Identity() if isinstance(m, nn.GroupNorm) else m for m in D.net])
+    x = torch.randn(1, 71, 64, 64, requires_grad=True)
+    out = D.net(x)
+    assert out.shape == (1, 1, 8, 8)
+    out[0, 0, 4, 4].backward()
+    rows, cols = (torch.nonzero(x.grad.abs().sum((0, 1)).amax(d)).flatten() for d in (1, 0))
+    # output pixel 4 <- 3..5 <- 5..12 <- 9..26 <- input 17..54 (padding 1 at every stride-2 conv)
+    assert (rows.min().item(), rows.max().item()) == (17, 54) and len(rows) == 38
+    assert (cols.min().item(), cols.max().item()) == (17, 54) and len(cols) == 38
+
+
+def test_residual_block_adds_its_input():
+    """x + F(x): with the branch's output zeroed (its last norm's scale and shift 0) the block is the
+    identity, so the innermost up block reads exactly the bottleneck; otherwise bottleneck + branch."""
+    torch.manual_seed(0)
+    G = networks.Generator(ngf=4, n_down=3)
+    seen = {}
+    G.down[-1].register_forward_hook(lambda m, i, o: seen.__setitem__("bottleneck", o))
+    G.res.register_forward_hook(lambda m, i, o: seen.__setitem__("branch", o))
+    G.up[0].register_forward_hook(lambda m, i, o: seen.__setitem__("up_in", i[0]))
+    img, hm = inputs(2)
+    with torch.no_grad():
+        G(img, hm)
+        assert seen["branch"].abs().max() > 0.1
+        torch.testing.assert_close(seen["up_in"], seen["bottleneck"] + seen["branch"])
+        G.res[-1].weight.zero_()
+        G.res[-1].bias.zero_()
+        G(img, hm)
+    assert seen["branch"].abs().max() == 0 and seen["bottleneck"].abs().max() > 0.1
+    assert torch.equal(seen["up_in"], seen["bottleneck"])
+
+
+def test_generator_output_stays_in_the_image_range_for_any_weights():
+    """Images live in [-1, 1] (to_tensor's range): G's output must be bounded whatever its weights,
+    not only at a lucky initialisation. Weights 1000x the init drive it to the bounds, not past them."""
+    torch.manual_seed(0)
+    G = networks.Generator(ngf=4, n_down=3)
+    with torch.no_grad():
+        for p in G.parameters():
+            p.mul_(1000)
+        y = G(*inputs(2))
+    assert y.abs().max() <= 1 and (y.abs() > 0.99).float().mean() > 0.5
+
+
+def peaks(h, sigma):
+    """Sub-pixel centres (B,K,2) of Gaussian heatmaps (B,K,S,S): ln h is a parabola in x and in y,
+    so the samples either side of the brightest pixel p give its vertex exactly,
+    p + sigma^2 (ln h(p + 1) - ln h(p - 1)) / 2."""
+    B, K, S, _ = h.shape
+    i = h.reshape(B, K, -1).argmax(-1)
+    py, px = i // S, i % S
+    L, b, k = h.double().clamp_min(1e-300).log(), torch.arange(B)[:, None], torch.arange(K)[None]
+    x = px + sigma ** 2 * (L[b, k, py, px + 1] - L[b, k, py, px - 1]) / 2
+    y = py + sigma ** 2 * (L[b, k, py + 1, px] - L[b, k, py - 1, px]) / 2
+    return torch.stack([x, y], -1).numpy()
+
+
+@pytest.fixture
+def given(monkeypatch):
+    """Every G call's inputs: the images and heatmaps G is given, whoever calls it."""
+    calls, forward = [], networks.Generator.forward
+
+    def record(self, image, heatmaps):
+        calls.append((image.detach().clone(), heatmaps.detach().clone()))
+        return forward(self, image, heatmaps)
+
+    monkeypatch.setattr(networks.Generator, "forward", record)
+    return calls
+
+
+def test_batched_generation_draws_the_runs_sigma_and_window(given):
+    """A run trained with --sigma 2 --window 3 is given such heatmaps when generating: a landmark on
+    pixel (x, y) = (6, 9) lights (9, 6) with 1, its 4 neighbours with exp(-1/8), its diagonals with
+    exp(-1/4), and nothing 2 px away (the defaults, sigma 1 and window 7, would give exp(-1/2) and 0.14)."""
+    torch.manual_seed(0)
+    G = networks.Generator(ngf=4, n_down=3)
+    cfg = {"args": {"size": 16, "sigma": 2.0, "window": 3}}
+    lm = np.full((3, 68, 2), 8, np.float32)
+    lm[:, 0] = (6, 9)
+    src = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    out = networks.generate(G, cfg, src, lm, batch=2)
+    assert out.shape == (3, 16, 16, 3) and out.dtype == np.uint8 and len(given) == 2  # batches of 2, then 1
+    h = torch.cat([hm for _, hm in given])[:, 0]
+    e = math.exp
+    want = torch.zeros(16, 16)
+    want[8:11, 5:8] = torch.tensor([[e(-1 / 4), e(-1 / 8), e(-1 / 4)], [e(-1 / 8), 1, e(-1 / 8)],
+                                    [e(-1 / 4), e(-1 / 8), e(-1 / 4)]])
+    for i in range(3):
+        torch.testing.assert_close(h[i], want)
+    images = torch.cat([img for img, _ in given])
+    torch.testing.assert_close(images, torch.tensor(src).permute(0, 3, 1, 2) / 127.5 - 1)
 
 
 def test_count_params():
@@ -1011,9 +1166,35 @@ def test_training_writes_outputs_and_lowers_pixel_loss(blobs, tmp_path):
     assert float(rows[-1]["L_pix"]) < 0.5 * float(rows[0]["L_pix"])
     assert sorted(os.listdir(os.path.join(out, "samples"))) == ["step_000001.png", "step_000020.png", "step_000040.png"]
     cfg = json.load(open(os.path.join(out, "config.json")))
-    assert cfg["vgg"] == "random" and cfg["lambdas"] == losses.LAMBDAS
+    assert cfg["vgg"] == "random"
+    assert cfg["lambdas"] == {"adv": 1, "pix": 10, "self": 100, "triple": 100, "pp": 10, "id": 1}
     G, cfg2 = networks.load_generator(out)
     assert cfg2["step"] == 40 and not G.training
+
+
+def test_training_and_its_sample_grid_use_the_runs_sigma_and_window(tmp_path, given, monkeypatch):
+    """--sigma 2 --window 3 on landmarks at whole pixels (flipped, still whole): every heatmap G is
+    given, the sample grid's included, and the landmark picture the grid draws hold only 1 at a
+    landmark, exp(-1/8) beside it, exp(-1/4) diagonally and 0 beyond (sigma 1 would give exp(-1/2))."""
+    rng, root = np.random.default_rng(0), tmp_path / "whole"
+    for name in ("000", "001"):
+        os.makedirs(root / name)
+        np.save(root / name / "frames.npy", rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+        np.save(root / name / "landmarks.npy", rng.integers(3, 29, (4, 68, 2)).astype(np.float32))
+    (root / "split.json").write_text(json.dumps({"train": ["000", "001"], "test1": []}))
+    (root / "prepare.json").write_text(json.dumps({"size": 32, "crop_scale": 1.8, "synthetic": False}))
+    drawn, picture = [], data.heatmap_picture
+    monkeypatch.setattr(data, "heatmap_picture", lambda *a, **k: drawn.append(picture(*a, **k)) or drawn[-1])
+    run_train("--data", str(root), "--out", str(tmp_path / "run"), "--steps", "1", "--sigma", "2",
+              "--window", "3")
+    assert os.listdir(tmp_path / "run" / "samples") == ["step_000001.png"]
+    e = math.exp
+    allowed = torch.tensor([0, e(-1 / 4), e(-1 / 8), 1.0])
+    only = lambda h: ((h[..., None] - allowed).abs().amin(-1).max() < 1e-6
+                      and (h - e(-1 / 8)).abs().min() < 1e-6)
+    assert len(given) >= 2 and all(only(hm) for _, hm in given)  # the step's passes and the sample's
+    assert all((hm > 0).sum((-2, -1)).max() <= 9 for _, hm in given)  # a 3 x 3 window
+    assert len(drawn) == 1 and only((drawn[0] + 1) / 2)
 
 
 def test_resume_refuses_changed_model(blobs, tmp_path, capsys):
@@ -1416,20 +1597,54 @@ def test_error_heatmap_bounds():
     assert (evaluate.error_heatmap(a + 50, a, vmax=50) == (253, 231, 37)).all()
 
 
-def test_ssim_psnr_l1():
-    rng = np.random.default_rng(0)
-    img = np.stack([np.asarray(Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((S, S)))])
-    assert evaluate.ssim(img, img)[0] == pytest.approx(1.0)
-    noisy = [np.clip(img + rng.normal(0, s, img.shape), 0, 255).astype(np.uint8) for s in (5, 20, 60)]
-    ssims = [evaluate.ssim(img, n)[0] for n in noisy]
-    assert 1 > ssims[0] > ssims[1] > ssims[2]
+def test_ssim_matches_scikit_image_and_a_hand_value():
+    """Wang et al.'s SSIM as scikit-image computes it with the standard settings (Gaussian window sigma
+    1.5, data range 255, population covariance), on photo crops and degraded copies of them."""
     zero, ten = np.zeros((1, S, S, 3), np.uint8), np.full((1, S, S, 3), 10, np.uint8)
-    s = evaluate.scores(ten, zero)
-    assert s["L1"][0] == pytest.approx(10) and s["PSNR"][0] == pytest.approx(10 * np.log10(255 ** 2 / 100))
-    half = zero.copy()
-    half[..., :S // 2, :] = 20  # half the pixels off by 20: L1 10, MSE 200
-    s = evaluate.scores(half, zero)
-    assert s["L1"][0] == pytest.approx(10) and s["PSNR"][0] == pytest.approx(10 * np.log10(255 ** 2 / 200))
+    # two flat images: no variance, so SSIM = (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1), C1 = (0.01 * 255)^2
+    assert evaluate.ssim(zero, ten)[0] == pytest.approx(6.5025 / (100 + 6.5025), rel=1e-6)
+    assert evaluate.ssim(ten, ten)[0] == pytest.approx(1.0)
+    try:
+        from skimage.data import astronaut, chelsea
+        from skimage.metrics import structural_similarity
+    except ImportError:
+        pytest.skip("scikit-image is not installed (pip install scikit-image): the reference SSIM")
+    rng = np.random.default_rng(0)
+    shrink = lambda im, box: np.asarray(Image.fromarray(im).resize((48, 48), Image.BICUBIC, box=box))
+    face, cat = shrink(astronaut(), (140, 30, 330, 220)), shrink(chelsea(), (50, 0, 350, 300))
+    blurred = np.asarray(Image.fromarray(face).resize((16, 16), Image.BILINEAR).resize((48, 48)))
+    noisy = np.clip(face + rng.normal(0, 12, face.shape), 0, 255).astype(np.uint8)
+    darker = (face * 0.6 + 20).astype(np.uint8)
+    a, b = np.stack([face, face, face, face]), np.stack([blurred, noisy, darker, cat])
+    want = [structural_similarity(x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                  data_range=255, channel_axis=-1) for x, y in zip(a, b)]
+    assert max(want) < 0.9 and min(want) < 0.01  # from similar to unrelated
+    np.testing.assert_allclose(evaluate.ssim(a, b), want, rtol=1e-6)
+
+
+def test_l1_and_psnr_per_pair_by_hand():
+    """A batch of two pairs with different errors: each pair is scored on its own,
+    PSNR = 10 log10(255^2 / MSE)."""
+    gen, tgt = np.zeros((2, S, S, 3), np.uint8), np.zeros((2, S, S, 3), np.uint8)
+    gen[0] = 10                # every pixel off by 10: L1 10, MSE 100
+    gen[1, :S // 2] = 30       # half the pixels off by 30: L1 15, MSE 450
+    s = evaluate.scores(gen, tgt)
+    np.testing.assert_allclose(s["L1"], [10, 15])
+    np.testing.assert_allclose(s["PSNR"], [10 * np.log10(65025 / 100), 10 * np.log10(65025 / 450)])
+    assert evaluate.scores(tgt, tgt)["PSNR"] == pytest.approx([10 * np.log10(65025 / 1e-10)] * 2)  # floored
+    assert s["SSIM"].shape == (2,)
+
+
+def test_flicker_by_hand():
+    """Mean |frame t+1 - frame t| over time, pixels and channels."""
+    texture = np.random.default_rng(0).integers(0, 240, (16, 16, 3), dtype=np.uint8)
+    assert evaluate.flicker(np.repeat(texture[None], 6, 0)) == 0.0  # a still, textured video
+    brightening = np.stack([np.full((16, 16, 3), 100 + 5 * t, np.uint8) for t in range(6)])
+    assert evaluate.flicker(brightening) == pytest.approx(5.0)  # flat frames, 5 levels brighter each frame
+    half = np.repeat(texture[None], 3, 0)
+    half[1, :8] += 10  # the top half 10 levels brighter in the middle frame only: 5 on average, twice
+    assert evaluate.flicker(half) == pytest.approx(5.0)
+    assert evaluate.flicker(texture[None]) == 0.0
 
 
 def test_confidence_interval_and_sign_flip_test():
@@ -1649,14 +1864,25 @@ def test_retarget_translation_is_scaled_by_face_size():
     np.testing.assert_allclose(extras.reenact.retarget(src, base + shift, neutral=2)[2], src, atol=1e-4)
 
 
-def test_to_crop_is_crop_face_and_absolute_returns_the_driver():
-    frames = face(2)[2]
-    for img, lm in frames:
-        np.testing.assert_allclose(extras.reenact.to_crop(lm, lm, SIZE, 1.8), data.crop_face(img, lm, SIZE, 1.8)[1], atol=1e-4)
-    drv = np.stack([data.crop_face(img, lm, SIZE, 1.8)[1] for img, lm in frames])  # as a prepared video has them
-    src_uv = data.crop_face(*face(3)[2][0], SIZE, 1.8)[1]
-    np.testing.assert_allclose(extras.reenact.condition(src_uv, drv, SIZE, 1.8, relative=False), drv, atol=1e-4)
-    assert not np.allclose(extras.reenact.condition(src_uv, drv, SIZE, 1.8, relative=True), drv, atol=0.5)
+def hand_face(cx, cy, half_w, half_h):
+    """68 points on an ellipse at angles 2 pi k / 68 (k = 0, 17, 34, 51 on its axes): the points' box is
+    exactly cx +- half_w by cy +- half_h, so their face size is 2 max(half_w, half_h)."""
+    a = np.arange(68) * 2 * np.pi / 68
+    return np.stack([cx + half_w * np.cos(a), cy + half_h * np.sin(a)], 1).astype(np.float32)
+
+
+def in_crop(pts, cx, cy, face, size=SIZE, scale=1.8):
+    """THE crop's map by hand: a square scale x face wide around the box centre (cx, cy) becomes size
+    px; pixel centres, so the centre lands on (size - 1) / 2."""
+    return (pts - np.float32([cx, cy])) * size / (scale * face) + (size - 1) / 2
+
+
+def test_to_crop_by_hand():
+    pts = hand_face(40, 30, 15, 12)  # box 30 x 24 around (40, 30)
+    to_crop = extras.reenact.to_crop
+    np.testing.assert_allclose(to_crop(pts, pts, SIZE, 1.8), in_crop(pts, 40, 30, 30), atol=1e-4)
+    moved = pts * 1.2 + np.float32([5, -3])  # other points, framed by pts' box
+    np.testing.assert_allclose(to_crop(moved, pts, 48, 2.5), in_crop(moved, 40, 30, 30, 48, 2.5), atol=1e-4)
 
 
 def test_relative_recovers_the_source_doing_the_drivers_motion():
@@ -1673,13 +1899,61 @@ def test_relative_recovers_the_source_doing_the_drivers_motion():
     assert rel < 0.3 and rel < ab / 3
 
 
-def test_flicker():
-    static = np.full((6, 16, 16, 3), 100, np.uint8)
-    assert evaluate.flicker(static) == 0.0
-    rng = np.random.default_rng(0)
-    noisy = [evaluate.flicker(np.clip(static + rng.normal(0, s, static.shape), 0, 255).astype(np.uint8))
-             for s in (1, 4, 16)]
-    assert 0 < noisy[0] < noisy[1] < noisy[2]
+def reenact_cli(ckpt, tmp_path, *argv):
+    facesynth.main(["reenact", "--ckpt", ckpt, "--out", str(tmp_path / "o.gif"), "--device", "cpu", *argv])
+
+
+def test_reenact_gives_G_the_retargeted_or_the_drivers_own_landmarks(ckpt, tmp_path, given, capsys):
+    """What G receives through the command line, against the hand formulas. The source: hand-placed
+    points (box 40 x 36 around (48, 50)) beside an image. The driver: a face whose size changes from
+    frame to frame, moving, its mouth opening; --neutral 2."""
+    img = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "me.png")
+    extras.synthetic.write_pts(tmp_path / "me.pts", hand_face(48, 50, 20, 18))
+    scale, centre = [1.0, 1.1, 1.3, 1.2, 0.9], [(100, 80), (102, 80), (103, 78), (101, 83), (99, 81)]
+    drv = np.stack([hand_face(cx, cy, 10 * k, 9 * k) for k, (cx, cy) in zip(scale, centre)])  # face size 20 k
+    drv[:, 57, 1] += np.float32([0, 1, 0, 2, 3])  # a lower-lip point moves inside the box
+    np.save(tmp_path / "drv.npy", drv)
+    src_uv = in_crop(hand_face(48, 50, 20, 18), 48, 50, 40)  # face size 40 -> 32 / 1.8 px in the crop
+    argv = ["--source", str(tmp_path / "me.png"), "--driver", str(tmp_path / "drv.npy"), "--neutral", "2"]
+    # relative (the default for two people): the source's own crop landmarks, moved by the driver's motion
+    # since frame 2, scaled by the face sizes there: the source's in its crop over the driver's, 20 x 1.3
+    reenact_cli(ckpt, tmp_path, *argv)
+    assert "relative retargeting" in capsys.readouterr().out
+    (img, hm), = given
+    want = src_uv + (drv - drv[2]) * (SIZE / 1.8) / (20 * 1.3)
+    np.testing.assert_allclose(peaks(hm, sigma=1.0), want, atol=2e-3)
+    assert all(torch.equal(i, img[0]) for i in img)  # the same source crop every frame
+    # absolute: each driver frame's landmarks in its own crop
+    given.clear()
+    reenact_cli(ckpt, tmp_path, *argv, "--absolute")
+    assert "absolute retargeting" in capsys.readouterr().out
+    want = np.stack([in_crop(d, cx, cy, 20 * k) for d, k, (cx, cy) in zip(drv, scale, centre)])
+    np.testing.assert_allclose(peaks(given[0][1], sigma=1.0), want, atol=2e-3)
+
+
+def test_reenact_crops_the_source_as_the_run_was_prepared(ckpt, tmp_path, given):
+    """A run prepared with crop_scale 2 (prepare.json) crops with it. Source points with a 16 x 14 box
+    around (28.5, 30.5): the square is 2 x 16 = 32 px = the run's size, from pixel edge (13, 15), so
+    the crop is the image's pixels [15:47, 13:45] exactly and the landmarks move by (-13, -15)."""
+    prep = tmp_path / "prep"
+    os.makedirs(prep)
+    (prep / "prepare.json").write_text(json.dumps({"size": SIZE, "crop_scale": 2.0, "synthetic": False}))
+    ck = networks.load_checkpoint(ckpt)
+    ck["args"] = dict(ck["args"], data=str(prep))
+    networks.save_checkpoint(str(tmp_path / "ckpt.pt"), ck)
+    img = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "me.png")
+    pts = hand_face(28.5, 30.5, 8, 7)
+    extras.synthetic.write_pts(tmp_path / "me.pts", pts)
+    np.save(tmp_path / "still.npy", np.repeat(hand_face(50, 50, 10, 9)[None], 3, 0))  # no motion
+    reenact_cli(str(tmp_path / "ckpt.pt"), tmp_path, "--source", str(tmp_path / "me.png"),
+                "--driver", str(tmp_path / "still.npy"))
+    (images, hm), = given
+    np.testing.assert_allclose(peaks(hm, sigma=1.0), np.repeat((pts - (13, 15))[None], 3, 0), atol=2e-3)
+    crop = torch.tensor(img[15:47, 13:45]).permute(2, 0, 1) / 127.5 - 1
+    for i in images:
+        torch.testing.assert_close(i, crop, atol=1 / 127.5, rtol=0)  # within one 8-bit level
 
 
 @pytest.mark.parametrize("ext", ["mp4", "gif"])
@@ -1832,6 +2106,27 @@ def clip(path, head, path_xy=PATH, blank=(), noise=0):
     else:
         imageio.mimwrite(path, frames, fps=25, codec="libx264", quality=8, macro_block_size=16)
     return str(path)
+
+
+def test_one_euro_recurrence_by_hand():
+    """Casiez, Roussel & Vogel (CHI 2012), one frame per step: alpha(f) = 1 / (1 + 1 / (2 pi f)); the
+    speed dx = (x_t - y_{t-1}) / scale is itself smoothed,
+    edx_t = edx_{t-1} + alpha(d_cutoff) (dx - edx_{t-1}), and sets the cutoff f = min_cutoff + beta |edx_t|;
+    y_t = y_{t-1} + alpha(f) (x_t - y_{t-1}).
+    With min_cutoff = beta = 1 / (2 pi) and d_cutoff = 3 / (2 pi): alpha(d_cutoff) = 3/4 and
+    alpha(f) = (1 + |edx|) / (2 + |edx|). A step from 0 to 2 (scale 1):
+      t=1: dx = 2, edx = 3/2, alpha = 5/7, y = 10/7
+      t=2: dx = 4/7, edx = 3/2 + 3/4 (4/7 - 3/2) = 45/56, alpha = 101/157, y = 10/7 + 101/157 4/7 = 282/157
+      t=3: dx = 32/157, edx = 12441/35168, alpha = 47609/82777, y = 158386/82777"""
+    want = [0, 10 / 7, 282 / 157, 158386 / 82777]
+    c = 1 / (2 * np.pi)
+    x = np.array([[0, 5], [2, 5], [2, 5], [2, 5]], np.float32)  # two coordinates: the step, and a still one
+    one_euro = functools.partial(extras.landmarks.one_euro, min_cutoff=c, beta=c, d_cutoff=3 * c)
+    y = one_euro(x, 1.0)
+    np.testing.assert_allclose(y[:, 0], want, rtol=1e-6)
+    assert (y[:, 1] == 5).all()
+    # speed in face sizes: the same step on a face twice as large is the same motion, twice as long
+    np.testing.assert_allclose(one_euro(2 * x, 2.0)[:, 0], 2 * np.array(want), rtol=1e-6)
 
 
 def test_smoothing_removes_jitter_keeps_motion_and_blinks_and_fills_gaps():
