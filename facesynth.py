@@ -13,6 +13,7 @@ A generator G draws the source face I_s with the target landmarks e_t (as heatma
 G's four passes, D's update on real vs generated, then G's update on the six-term loss.
 """
 import argparse
+import contextlib
 import copy
 import csv
 import json
@@ -131,8 +132,8 @@ def resumed(args):
     its saved options; a schedule option typed now (--steps, --epochs, --out) changes the run, a session
     option typed now (--device, --log-every, ...) only this session. A changed model or data option is
     an error: the weights would no longer mean what the options say."""
-    ckpt, given = networks.load_checkpoint(args["resume"]), args["_given"]
-    saved = ckpt["args"]
+    ckpt, given = networks.load_checkpoint(args["resume"], networks.TRAIN_KEYS), args["_given"]
+    saved = {**{k: v for k, v in args.items() if k not in given}, **ckpt["args"]}  # an older run: today's defaults
     changed = sorted(k for k in given - SESSION - SCHEDULE - {"resume"} if args[k] != saved.get(k))
     if changed:
         raise DataError(f"{args['resume']}: cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} "
@@ -229,26 +230,44 @@ def ranks_agree(G, D, world, device, log):
         raise FloatingPointError("ranks drifted apart: their weights differ")
 
 
-def on_ctrl_c(log):
-    """Ctrl-C once: the step in flight finishes, a checkpoint is saved, the run exits. Twice: it exits at
-    once, ckpt.pt untouched. Returns the list that is non-empty once asked to stop, and the old handler."""
+# Ctrl-C, and what ends runs elsewhere: SIGTERM (timeout, docker stop, a cluster's pre-emption), SIGHUP
+# (the terminal closed)
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+
+
+def on_stop_signals(log):
+    """Ctrl-C, SIGTERM or SIGHUP once: the step in flight finishes, a checkpoint is saved, the run exits
+    with 128 + the signal's number. Twice: it exits at once, ckpt.pt untouched. Returns the list that
+    holds the first signal once asked to stop, and the old handlers."""
     stop = []
 
-    def handler(*_):
+    def handler(signum, _):
         if stop:
             raise KeyboardInterrupt
-        stop.append(1)
-        log("\nCtrl-C: saving after this step (Ctrl-C again to quit without saving)", flush=True)
+        stop.append(signum)
+        if signum == signal.SIGHUP and os.isatty(1):  # the terminal is gone: a print would fail the save
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1), os.dup2(null, 2), os.close(null)
+        name = STOP_SIGNALS[signum]
+        log(f"\n{name}: saving after this step ({name} again to quit without saving)", flush=True)
 
-    return stop, signal.signal(signal.SIGINT, handler)
+    return stop, {s: signal.signal(s, handler) for s in STOP_SIGNALS}
 
 
 def train(args):
-    """Train G and D as the paper does, from the options in `args` (a dict; --resume continues a run)."""
+    """Train G and D as the paper does, from the options in `args` (a dict; --resume continues a run).
+    The run folder is this process's alone while it trains (networks.own_run)."""
     ckpt, run = None, args
     if args.get("resume"):
         args, run, ckpt = resumed(args)
     run.pop("_given", None), args.pop("_given", None)
+    owner = int(os.environ.get("RANK", 0)) == 0  # rank 0 holds the folder for all ranks
+    with networks.own_run(args["out"], args.get("resume")) if owner else contextlib.nullcontext():
+        return train_run(args, run, ckpt)
+
+
+def train_run(args, run, ckpt):
+    """train's work, in the run folder it owns: `args` this session's options, `run` the run's to save."""
     rank, world, device = setup_distributed(networks.pick_device(args["device"]))
     main_rank = rank == 0
     log = print if main_rank else (lambda *a, **k: None)
@@ -278,7 +297,7 @@ def train(args):
     hm = {"size": args["size"], "sigma": args["sigma"], "window": args["window"]}
     t0 = t_line = time.time()
     done = step_line = start
-    stop, previous = on_ctrl_c(log)
+    stop, previous = on_stop_signals(log)
     try:
         for step, b in data.batches(videos, args, start, total, rank, world, device):
             measure = (step + 1) % args["log_every"] == 0 or step + 1 == total
@@ -309,14 +328,15 @@ def train(args):
                 saved = done
             if stop:
                 log(f"interrupted: checkpoint at step {done} in {ckpt_path}; continue with --resume {out}")
-                raise SystemExit(130)
+                raise SystemExit(128 + stop[0])
         if world > 1:
             ranks_agree(G, D, world, device, log)
     except KeyboardInterrupt:
         log(f"\ninterrupted twice: stopped at once without saving; {kept()}")
-        raise SystemExit(130) from None
+        raise SystemExit(128 + (stop or [signal.SIGINT])[0]) from None
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         if world > 1:
             dist.destroy_process_group()
     log(f"done: {done} steps in {time.time() - t0:.0f}s; outputs in {out}/ (ckpt.pt, log.csv, config.json, samples/)")
@@ -354,13 +374,17 @@ def ablation(args):
     if args["data"] is None:
         args["data"] = extras.synthetic.ensure_synthetic(CACHE)
     total = args["steps"] or args["epochs"] * data.steps_per_epoch(args)
-    dirs = {}
+    dirs = {name: [os.path.join(root, name, f"seed{seed}") for seed in range(n_seeds)] for name in runs}
+    given = set(args) - SESSION - SCHEDULE - {"split", "resume"}  # every option must be the runs' own
+    steps = {}
+    for name, change in runs.items():  # all checked before any training: one REPORT, one set of options
+        for seed, out in enumerate(dirs[name]):
+            if networks.holds_run(out):  # as --resume checks it, with every option typed
+                mine = {**args, **change, "seed": seed, "resume": out, "_given": given | set(change) | {"seed"}}
+                steps[out] = resumed(mine)[2]["step"]
     for i, (name, change) in enumerate(runs.items()):
-        for seed in range(n_seeds):
-            out = os.path.join(root, name, f"seed{seed}")
-            dirs.setdefault(name, []).append(out)
-            ckpt = os.path.join(out, "ckpt.pt")
-            done = networks.load_checkpoint(ckpt)["step"] if os.path.isfile(ckpt) else 0
+        for seed, out in enumerate(dirs[name]):
+            done = steps.get(out, 0)
             print(f"ablation {name} seed {seed} ({i * n_seeds + seed + 1}/{len(runs) * n_seeds}): "
                   + ("finished, skipped" if done >= total else f"training from step {done}"), flush=True)
             if done >= total:

@@ -5,6 +5,9 @@ checkpoints (plain dicts), G rebuilt from one, batched generation.
 G(I_s, e_t) maps a source image and the target's 68 landmark heatmaps to the target image.
 D(I, e_t) says how real an image looks *given* the landmarks it should show.
 """
+import contextlib
+import fcntl
+import glob
 import http.client
 import io
 import os
@@ -263,11 +266,69 @@ def load_vgg(layers, path=None, log=print, widths=VGG_WIDTHS):
     return vgg, path
 
 
-# ----------------------------------------------------------------------------- the model's life cycle
+# ----------------------------------------------------------------------------- run folders and checkpoints
+LOCK = ".lock"  # in a run folder: the PID of the one process that writes it
+
+
+def holds_run(out):
+    """A run folder with a checkpoint: what `train --out` must not start afresh over."""
+    return os.path.isfile(os.path.join(out, "ckpt.pt"))
+
+
+def _lock_holder(path):
+    try:
+        with open(path) as f:
+            return f.read().strip() or "?"
+    except OSError:
+        return "?"
+
+
+@contextlib.contextmanager
+def own_run(out, resume=None):
+    """One writer per run folder, for as long as the `with` lasts: OUT/.lock holds the owner's PID under an
+    flock, so a second process refuses at once, and a lock whose process died (even by kill -9) is free
+    again: the kernel drops the flock with the process. Then: OUT must hold no run, or the one `resume`
+    continues (never written over silently), and temporary checkpoints in OUT are stale and removed."""
+    path = os.path.join(out, LOCK)
+    try:
+        os.makedirs(out, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise DataError(f"{out}: in use by process {_lock_holder(path)} (it holds {path}); wait for it "
+                                "to finish or stop it, or use another --out") from None
+            if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+                break  # else the last owner removed the file between our open and flock: take the new one
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as e:
+        raise DataError(f"{e.filename or out}: cannot use as a run folder ({e.strerror or e})") from None
+    try:
+        mine = os.path.join(out, "ckpt.pt")
+        if holds_run(out) and not resume:
+            raise DataError(f"{out}: already holds a run ({mine}); continue it with --resume {out}, or choose "
+                            "another --out")
+        if holds_run(out) and resume and not os.path.samefile(checkpoint_file(resume), mine):
+            raise DataError(f"{out}: holds another run ({mine}) that --resume {resume} would write over; "
+                            "choose another --out")
+        for stale in glob.glob(glob.escape(mine) + "*.tmp"):  # no other writer: a killed one's leftovers
+            os.remove(stale)
+        yield out
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)  # before the flock goes: a process waiting on this file then makes a fresh one
+        os.close(fd)
+
+
 def save_checkpoint(path, ckpt):
-    """Write to a temporary file, fsync it, then rename it over the old checkpoint: a full disk, a
-    crash or a Ctrl-C while writing leaves the previous checkpoint as it was, and no temporary file."""
-    tmp, buf = path + ".tmp", io.BytesIO()
+    """Write to a temporary file of this process's own, fsync it, then rename it over the old
+    checkpoint: a full disk, a crash or a Ctrl-C while writing leaves the previous checkpoint as it
+    was, and no temporary file."""
+    tmp, buf = f"{path}.{os.getpid()}.tmp", io.BytesIO()
     torch.save(ckpt, buf)  # serialised in memory first: a failing disk then raises a plain OSError
     try:
         with open(tmp, "wb") as f:
@@ -279,8 +340,8 @@ def save_checkpoint(path, ckpt):
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):
-            raise DataError(f"{path}: cannot write the checkpoint ({e.strerror or e}); the previous one "
-                            f"is kept as it was") from None
+            kept = "the previous one is kept as it was" if os.path.isfile(path) else "no checkpoint was written"
+            raise DataError(f"{path}: cannot write the checkpoint ({e.strerror or e}); {kept}") from None
         raise
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)  # the rename itself, on disk
     try:
@@ -289,20 +350,70 @@ def save_checkpoint(path, ckpt):
         os.close(dir_fd)
 
 
-def load_checkpoint(path):
+GENERATE_KEYS = ("G", "step", "args")  # what generation needs
+TRAIN_KEYS = GENERATE_KEYS + ("D", "opt_G", "opt_D")  # what a resume needs
+
+
+def _tensors(obj):
+    """Every tensor in a nested dict/list (a state dict, an optimiser's state)."""
+    if isinstance(obj, torch.Tensor):
+        yield "", obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from ((f".{k}{name}", t) for name, t in _tensors(v))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from ((f".{i}{name}", t) for name, t in _tensors(v))
+
+
+def check_checkpoint(ckpt, path, keys):
+    """Whether a loaded checkpoint is whole: the keys, weights shaped as its own options say, all finite.
+    A NaN weight (a flipped bit) would otherwise draw blank faces, or be resumed and saved over."""
+    missing, args = [k for k in keys if k not in ckpt], ckpt.get("args")
+    options = ("ngf", "n_down", "size") + ("ndf",) * ("D" in keys)  # what rebuilds the models
+    if not missing and not (isinstance(args, dict) and set(options) <= set(args)):
+        missing = [f"args ({', '.join(options)})"]
+    if missing:
+        raise DataError(f"{path}: not a whole facesynth checkpoint (missing {', '.join(missing)})")
+    for name in [m for m in ("G", "D") if m in keys]:
+        try:
+            with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
+                model = build_generator(args) if name == "G" else Discriminator(ndf=args["ndf"])
+            have = {k: tuple(getattr(v, "shape", ())) for k, v in dict(ckpt[name]).items()}
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise DataError(f"{path}: its options do not build a model ({e})".splitlines()[0]) from None
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if want != have:
+            bad = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
+            raise DataError(f"{path}: {name}'s weights do not fit its options (ngf {args['ngf']}, n_down "
+                            f"{args['n_down']}, ndf {args['ndf']}): {bad[0]} differs")
+    for key in [k for k in ("G", "D", "opt_G", "opt_D") if k in keys]:
+        for name, t in _tensors(ckpt[key]):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise DataError(f"{path}: {key}{name} holds NaN/inf values; the file is damaged (resume from a "
+                                "copy, or train again)")
+
+
+def checkpoint_file(path):
+    return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+
+
+def load_checkpoint(path, keys=GENERATE_KEYS):
     """A checkpoint is a plain dict of tensors and Python values, so weights_only=True loads it
     without running any pickled code. Always onto the CPU: where it goes next is the caller's
-    choice, and a device problem must never read as a bad file."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
+    choice, and a device problem must never read as a bad file. Checked whole (check_checkpoint)
+    for `keys`: a resume needs TRAIN_KEYS."""
+    path = checkpoint_file(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: no checkpoint there (a run folder holding ckpt.pt, or the .pt file itself)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        why = (str(e).strip() or "empty or cut short").splitlines()[0]
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(ckpt, dict) or not {"G", "args", "step"} <= set(ckpt):
         raise DataError(f"{path}: not a facesynth checkpoint (missing G/args/step)")
+    check_checkpoint(ckpt, path, keys)
     return ckpt
 
 
