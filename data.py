@@ -48,6 +48,45 @@ class DataError(ValueError):
     """Bad input: the message is one line that names the file or option and the problem."""
 
 
+class WriteError(DataError):
+    """A file that cannot be written (a full disk, no permission): it stops a run, never just skips a video."""
+
+
+@contextlib.contextmanager
+def writing(path):
+    """`with writing(path) as tmp:` write `tmp` (this process's own name, same extension), which then
+    replaces `path` whole: a full disk, a crash or an interrupt leaves no partial file, the old one as it
+    was. A failing write is one WriteError naming the file."""
+    stem, ext = os.path.splitext(path)
+    tmp = f"{stem}.{os.getpid()}.tmp{ext}"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise WriteError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise
+
+
+def writable(path):
+    """Checked before any computing: the folders above `path` are, or can be made, folders we may write."""
+    up = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(up):
+        up = os.path.dirname(up)
+    if not os.path.isdir(up) or not os.access(up, os.W_OK | os.X_OK):
+        why = "is a file, not a folder" if not os.path.isdir(up) else "is not writable"
+        raise WriteError(f"{path}: cannot write there ({up} {why})")
+    return path
+
+
+def write_json(path, value):
+    with writing(path) as tmp, open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+
+
 def fail(msg):
     """A user-facing error: one line on stderr, exit status 2, no traceback."""
     print(f"error: {msg}", file=sys.stderr)
@@ -192,14 +231,15 @@ def frame_count(vid):
 
 
 def write_video(path, frames, fps):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    if path.lower().endswith(".gif"):  # Pillow's GIF writer takes milliseconds per frame
-        imageio.v3.imwrite(path, frames, duration=1000 / fps, loop=0)
-        return
-    with imageio.v2.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                               ffmpeg_log_level="error") as video:
-        for f in frames:
-            video.append_data(f)
+    """An .mp4 (H.264) or .gif, written whole or not at all (writing)."""
+    with writing(path) as tmp:
+        if path.lower().endswith(".gif"):  # Pillow's GIF writer takes milliseconds per frame
+            imageio.v3.imwrite(tmp, frames, duration=1000 / fps, loop=0)
+            return
+        with imageio.v2.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                                   ffmpeg_log_level="error") as video:
+            for f in frames:
+                video.append_data(f)
 
 
 def is_video(path):
@@ -230,14 +270,18 @@ def save_prepared(out, name, frames, marks, params=None):
     looks finished, and a re-run can keep every folder it finds."""
     tmp, final = os.path.join(out, f".{name}.tmp"), os.path.join(out, name)
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    np.save(os.path.join(tmp, "frames.npy"), np.stack(frames))
-    np.save(os.path.join(tmp, "landmarks.npy"), np.stack(marks))
-    if params is not None:
-        with open(os.path.join(tmp, "params.json"), "w") as f:
-            json.dump(params, f)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        os.makedirs(tmp)
+        np.save(os.path.join(tmp, "frames.npy"), np.stack(frames))
+        np.save(os.path.join(tmp, "landmarks.npy"), np.stack(marks))
+        if params is not None:
+            with open(os.path.join(tmp, "params.json"), "w") as f:
+                json.dump(params, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WriteError(f"{e.filename or final}: cannot write ({e.strerror or e})") from None
 
 
 def _prepare_video(vdir, out, size, crop_scale, detect=None):
@@ -299,8 +343,18 @@ def _prepare_one(job):
     """Worker entry: a bad video becomes (0 frames, its one skip line), never an exception."""
     try:
         return _prepare_video(*job)
+    except WriteError:
+        raise  # a full disk fails every video alike: it stops prepare
     except DataError as e:
         return 0, [f"skip {os.path.basename(job[0])}: {e}"]
+
+
+def _finished(d, size):
+    """A prepared video a re-run keeps: whole and readable (a damaged one is prepared again)."""
+    try:
+        return os.path.isdir(d) and read_video(d, size) is not None
+    except DataError:
+        return False
 
 
 HELD_OUT = 0.2  # plain videos without a --split-file: the last 20 % by name (at least 1 of 2+) are test1
@@ -359,17 +413,19 @@ def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None
             raise DataError(f"{src}: its {len(plain)} plain video(s) have no landmarks to read, and {e}") from None
     meta = {"size": size, "crop_scale": crop_scale, "source": os.path.abspath(src),
             "synthetic": any(os.path.isfile(os.path.join(src, d, "params.json")) for d in names)}
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"{out}: cannot make the output folder ({e.strerror})") from None
     if os.path.isfile(os.path.join(out, "prepare.json")):
-        old = json.load(open(os.path.join(out, "prepare.json")))
-        if (old.get("size"), old.get("crop_scale")) != (size, crop_scale):
+        old = read_json(os.path.join(out, "prepare.json"), "remove it, or use another output folder")
+        if not isinstance(old, dict) or (old.get("size"), old.get("crop_scale")) != (size, crop_scale):
             raise DataError(f"{out}/prepare.json: prepared with size {old.get('size')}, crop_scale "
                             f"{old.get('crop_scale')}, not {size}, {crop_scale}; use another output folder")
     split_src, mapping = _read_split(src, split_file)
-    json.dump(meta, open(os.path.join(out, "prepare.json"), "w"), indent=1)
-    done = lambda d: all(os.path.isfile(os.path.join(out, d, f)) for f in ("frames.npy", "landmarks.npy"))
-    existing = [d for d in names if done(d)]
-    todo = [d for d in names if not done(d)]
+    write_json(os.path.join(out, "prepare.json"), meta)
+    existing = [d for d in names if _finished(os.path.join(out, d), size)]
+    todo = [d for d in names if d not in existing]
     frames = sum(len(np.load(os.path.join(out, d, "landmarks.npy"), mmap_mode="r")) for d in existing)
     # Progress counts frames; the total starts at the .pts (or header) count, corrected as videos finish.
     annot = lambda d: os.path.join(src, d, "annot")
@@ -408,7 +464,7 @@ def _write_split(out, names, plain, split_src, mapping, log):
     split = {k: [] for k in [*SPLITS_300VW, *mapping]}
     for d in names:
         split[where.get(d, "train")].append(d)
-    json.dump(split, open(os.path.join(out, "split.json"), "w"), indent=1)
+    write_json(os.path.join(out, "split.json"), split)
     return split
 
 
@@ -422,6 +478,39 @@ SIGMA = 1.0
 WINDOW = 7
 
 
+def read_json(path, fix):
+    """A JSON file -> its value; an unreadable or malformed one is a DataError that names it and says `fix`."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e}); {fix}") from None
+
+
+def read_video(d, size=None):
+    """A prepared video folder -> (frames memory-mapped, landmarks), checked where they enter: frames
+    (T,S,S,3) uint8 (S = `size` when given), landmarks (T,68,2), finite. A bad one is one DataError
+    naming its file, not a traceback from the loader thread or a NaN loss hours later."""
+    again = "prepare the video again"
+    try:
+        frames = np.load(os.path.join(d, "frames.npy"), mmap_mode="r")
+        landmarks = np.load(os.path.join(d, "landmarks.npy"))
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{d}: cannot read prepared video ({getattr(e, 'strerror', None) or e}); {again}") from None
+    S = size or (frames.shape[1] if frames.ndim == 4 else -1)
+    if frames.dtype != np.uint8 or frames.shape[1:] != (S, S, 3) or len(frames) < 1:
+        raise DataError(f"{d}/frames.npy: {frames.dtype} of shape {frames.shape}, expected uint8 (T, {S}, {S}, 3); "
+                        + again)
+    if landmarks.shape != (len(frames), N_LANDMARKS, 2) or not np.issubdtype(landmarks.dtype, np.floating):
+        raise DataError(f"{d}/landmarks.npy: {landmarks.dtype} of shape {landmarks.shape}, expected float "
+                        f"({len(frames)}, {N_LANDMARKS}, 2) for its {len(frames)} frames; {again}")
+    bad = ~np.isfinite(landmarks).all((1, 2))
+    if bad.any():
+        raise DataError(f"{d}/landmarks.npy: NaN/inf in {bad.sum()} of {len(bad)} frames (the first: {bad.argmax()}); "
+                        + again)
+    return frames, landmarks.astype(np.float32, copy=False)
+
+
 def read_prepared(root):
     """prepare.json of a prepared dataset; a raw or missing folder is an error that says what to run."""
     meta = os.path.join(root, "prepare.json")
@@ -430,11 +519,10 @@ def read_prepared(root):
     if not os.path.isfile(meta):
         raise DataError(f"{meta}: missing, so {root} is not a prepared dataset; prepare it first: "
                         f"python facesynth.py prepare {root} OUT, then --data OUT")
-    try:
-        with open(meta) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{meta}: cannot read ({e}); prepare the dataset again") from None
+    meta = read_json(meta, "prepare the dataset again")
+    if not isinstance(meta, dict) or not isinstance(meta.get("size"), int) or meta["size"] < 1:
+        raise DataError(f"{os.path.join(root, 'prepare.json')}: no image size in it; prepare the dataset again")
+    return meta
 
 
 def load_videos(root, split):
@@ -442,22 +530,17 @@ def load_videos(root, split):
     split_file = os.path.join(root, "split.json")
     if not os.path.isfile(split_file):
         raise DataError(f"{split_file}: not found (prepare a dataset first: facesynth.py prepare / synth)")
-    with open(split_file) as f:
-        names = json.load(f).get(split)
-    if not names:
-        raise DataError(f"{split_file}: split '{split}' has no videos")
+    mapping, size = read_json(split_file, "prepare the dataset again"), read_prepared(root)["size"]
+    names = mapping.get(split) if isinstance(mapping, dict) else None
+    if not names or not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise DataError(f"{split_file}: split '{split}' has no videos (a JSON mapping of split -> list of names)")
     videos = []
     for name in names:
         d = os.path.join(root, name)
-        try:
-            frames = np.load(os.path.join(d, "frames.npy"), mmap_mode="r")
-            landmarks = np.load(os.path.join(d, "landmarks.npy"))
-        except (OSError, ValueError) as e:
-            raise DataError(f"{d}: cannot read prepared video ({e})") from None
+        frames, landmarks = read_video(d, size)
         params = None
         if os.path.isfile(os.path.join(d, "params.json")):
-            with open(os.path.join(d, "params.json")) as f:
-                params = json.load(f)
+            params = read_json(os.path.join(d, "params.json"), "prepare the video again")
         videos.append({"name": name, "frames": frames, "landmarks": landmarks, "params": params})
     return videos
 

@@ -58,8 +58,7 @@ def write_png(path, img):
     rows = np.concatenate([np.zeros((h, 1), np.uint8), img.reshape(h, -1)], axis=1)
     chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0 if img.ndim == 2 else 2, 0, 0, 0)  # depth 8, grey / RGB
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
+    with data.writing(path) as tmp, open(tmp, "wb") as f:  # whole or not at all
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9))
                 + chunk(b"IEND", b""))
     return path
@@ -154,8 +153,8 @@ def videos_of(root, split=None):
     """(split, videos) of a prepared root, cached as several runs share a dataset. The default split
     is the first test split that has videos (a small synthetic set may leave some empty)."""
     if split is None and os.path.isfile(os.path.join(root, "split.json")):  # else load_videos says so
-        with open(os.path.join(root, "split.json")) as f:
-            split = next((k for k, v in sorted(json.load(f).items()) if k.startswith("test") and v), "test1")
+        mapping = data.read_json(os.path.join(root, "split.json"), "prepare the dataset again")
+        split = next((k for k, v in sorted(mapping.items() if isinstance(mapping, dict) else []) if k.startswith("test") and v), "test1")
     if (root, split) not in _VIDEOS:
         _VIDEOS[root, split] = data.load_videos(root, split)
     return split, _VIDEOS[root, split]
@@ -297,7 +296,7 @@ def sample_grid(path, b, fake, size, sigma, window, n=4):
     lm = data.heatmap_picture(b["lm_t"][:n], size, sigma, window)
     cols = [b["I_s"][:n], lm, fake[:n].float(), b["I_t"][:n]]
     rows = [np.concatenate(list(data.to_uint8(c[i:i + 1])[0] for c in cols), axis=1) for i in range(n)]
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    write_png(path, np.concatenate(rows, axis=0))  # whole or not at all
 
 
 def heatmap_figure(run_dirs, out, split=None, data_root=None, n=N_FIGURE, seed=SEED, device="cpu",
@@ -394,10 +393,9 @@ def save_metrics(m, out):
     and the returned Markdown table: a row per run, "mean [95 % CI over pairs]" per metric."""
     runs = list(zip(labels(list(m["runs"])), m["runs"].values()))
     keys = list(dict.fromkeys(k for _, r in runs for k in r["summary"]))
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "metrics.json"), "w") as f:
+    with data.writing(os.path.join(out, "metrics.json")) as tmp, open(tmp, "w") as f:
         json.dump(m, f)
-    with open(os.path.join(out, "metrics.csv"), "w", newline="") as f:
+    with data.writing(os.path.join(out, "metrics.csv")) as tmp, open(tmp, "w", newline="") as f:
         csv.writer(f).writerows([["run", "metric", "mean", "ci_low", "ci_high", "n"]] + [
             [name, k, *v, len(r["pairs"][k])] for name, r in runs for k, v in r["summary"].items()])
     return table(["run"] + keys, [[name] + [fmt(r["summary"][k]) if k in r["summary"] else "-" for k in keys]
@@ -443,7 +441,7 @@ def write_report(groups, out_dir, split=None, data_root=None, n_pairs=N_EVAL, se
                  table(["group"] + keys, rows)]
     text += ["\n## Every run: mean [95 % t-interval over pairs]\n", per_run, "\n## Figures\n"]
     text += [f"![{os.path.basename(path)}]({os.path.relpath(path, out_dir)})\n" for path in figures]
-    with open(os.path.join(out_dir, "REPORT.md"), "w") as f:
+    with data.writing(os.path.join(out_dir, "REPORT.md")) as tmp, open(tmp, "w") as f:
         f.write("\n".join(text))
     return os.path.join(out_dir, "REPORT.md")
 
@@ -470,6 +468,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         device = networks.pick_device(getattr(a, "device", "cpu"))
+        data.writable(os.path.join(a.out, "x"))  # before any computing
         if a.cmd == "heatmaps" and not a.vmin < a.vmax:
             raise DataError(f"--vmin {a.vmin:g} --vmax {a.vmax:g}: the colour scale needs vmin < vmax")
         if a.cmd == "losses":

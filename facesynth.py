@@ -192,14 +192,13 @@ LOG_FIELDS = ["step", "epoch", "time", "triplets_per_s"] + [f"L_{t}" for t in TE
 def start_outputs(out, config, start):
     """The run folder: samples/, config.json, and a fresh log.csv, or on resume its rows up to the
     checkpoint's step (later ones are redone)."""
-    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
+    data.write_json(os.path.join(out, "config.json"), config)
     path, rows = os.path.join(out, "log.csv"), []
-    if start and os.path.isfile(path):
+    if start and os.path.isfile(path):  # a row cut short (a kill mid-write) is dropped
         with open(path, newline="") as f:
-            rows = [r for r in csv.reader(f) if r and r[0] != "step" and int(r[0]) <= start]
-    with open(path, "w", newline="") as f:
+            head, *rows = list(csv.reader(f)) or [[]]
+            rows = [r for r in rows if len(r) == len(head) and r[0].isdigit() and int(r[0]) <= start]
+    with data.writing(path) as tmp, open(tmp, "w", newline="") as f:
         csv.writer(f).writerows([LOG_FIELDS] + rows)
 
 

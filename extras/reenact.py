@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps
 
 from data import (CROP_SCALE, N_LANDMARKS, DataError, crop_box, crop_face, decode, face_size, heatmap_picture,
-                  is_video, number, outside, read_pts, read_prepared, to_uint8, write_video)
+                  is_video, number, outside, read_pts, read_prepared, read_video, to_uint8, write_video)
 from evaluate import flicker, write_png
 from extras import landmarks, synthetic
 from networks import generate, load_generator, pick_device
@@ -104,8 +104,11 @@ def load_driver(spec, n=None):
         raise DataError(f"{spec}: no such driver (a video file, video folder, landmarks .npy, folder of .pts "
                         f"or synthetic:ID)")
     elif any(os.path.isfile(join(f)) for f in ("frames.npy", "landmarks.npy")):  # a prepared video
-        lms = load_landmarks(join("landmarks.npy"), n)
-        frames = np.load(join("frames.npy"), mmap_mode="r") if os.path.isfile(join("frames.npy")) else None
+        if os.path.isfile(join("frames.npy")):  # both checked as training checks them
+            frames, lms = read_video(spec)
+            lms = lms[:n]
+        else:
+            lms = load_landmarks(join("landmarks.npy"), n)
     elif any(os.path.exists(join(f)) for f in ("vid.avi", "annot")):  # the 300VW layout
         for f in ("annot", "vid.avi"):
             if not os.path.exists(join(f)):
@@ -131,7 +134,8 @@ def load_face(spec, pts=None):
         image = None if drv["frames"] is None else next(itertools.islice(drv["frames"], int(t), None), None)
         if image is None or len(drv["lms"]) <= int(t):
             raise DataError(f"{spec}: no frame {t} with landmarks in {folder}")
-        return {"image": np.asarray(image), "lm": drv["lms"][int(t)], "who": drv["who"], "identity": None}
+        lm = read_pts(pts) if pts else drv["lms"][int(t)]  # given landmarks win, as for an image
+        return {"image": np.asarray(image), "lm": lm, "who": drv["who"], "identity": None}
     if not os.path.isfile(spec):
         raise DataError(f"{spec}: no such file")
     try:  # upright as viewers show it: phone photos are often stored sideways with an EXIF rotation

@@ -19,7 +19,8 @@ import imageio
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data import CROP_SCALE, MIRROR, N_LANDMARKS, DataError, crop_face, pool_map, progress, save_prepared
+from data import (CROP_SCALE, MIRROR, N_LANDMARKS, DataError, WriteError, crop_face, pool_map, progress, save_prepared,
+                  write_json)
 
 SYNTH_VIDEOS = (50, 31, 19, 14)  # train/test1/test2/test3, the sizes of 300VW's split
 SYNTH_FRAMES = 200               # 8 s at 25 fps a video; 114 videos = 22.8k frames
@@ -261,16 +262,20 @@ def _synth_video(job):
     identity, motion, params = _synth_plan(seed, index, n_frames)
     tmp = os.path.join(out, f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(tmp, "annot"))
-    with imageio.get_writer(os.path.join(tmp, "vid.avi"), fps=SYNTH_FPS, codec="libx264", quality=9,
-                            macro_block_size=1, ffmpeg_log_level="error") as video:
-        for t, (pose, expression) in enumerate(motion):
-            frame, landmarks = render_face(identity, pose, expression, size)
-            video.append_data(frame)
-            write_pts(os.path.join(tmp, "annot", f"{t + 1:06d}.pts"), landmarks)
-    with open(os.path.join(tmp, "params.json"), "w") as f:
-        json.dump(params, f)
-    os.rename(tmp, os.path.join(out, name))
+    try:
+        os.makedirs(os.path.join(tmp, "annot"))
+        with imageio.get_writer(os.path.join(tmp, "vid.avi"), fps=SYNTH_FPS, codec="libx264", quality=9,
+                                macro_block_size=1, ffmpeg_log_level="error") as video:
+            for t, (pose, expression) in enumerate(motion):
+                frame, landmarks = render_face(identity, pose, expression, size)
+                video.append_data(frame)
+                write_pts(os.path.join(tmp, "annot", f"{t + 1:06d}.pts"), landmarks)
+        with open(os.path.join(tmp, "params.json"), "w") as f:
+            json.dump(params, f)
+        os.rename(tmp, os.path.join(out, name))
+    except OSError as e:  # a full disk: no half video left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WriteError(f"{e.filename or os.path.join(out, name)}: cannot write ({e.strerror or e})") from None
     return n_frames
 
 
@@ -296,8 +301,7 @@ def synth(out, n_videos=SYNTH_VIDEOS, n_frames=SYNTH_FRAMES, size=SYNTH_SIZE, se
             if not os.path.isdir(os.path.join(out, name))]  # finished videos are kept
     log(f"synth: {len(todo)} of {len(names)} videos to render into {out} ({n_frames} frames, {size} px)")
     _render_all(_synth_video, todo, n_frames, workers)
-    with open(os.path.join(out, "split.json"), "w") as f:
-        json.dump(split, f, indent=1)
+    write_json(os.path.join(out, "split.json"), split)
     return split
 
 
@@ -312,18 +316,16 @@ def ensure_synthetic(cache=SYNTH_CACHE, seed=0, n_frames=SYNTH_FRAMES, n_videos=
         log(f"using the synthetic set in {prepared} (delete it to regenerate)")
         return prepared
     names, split = _synth_names(n_videos)
-    os.makedirs(prepared, exist_ok=True)
-    with open(os.path.join(prepared, "prepare.json"), "w") as f:  # raw_size: evaluate re-renders ground truths
-        json.dump({"size": size, "crop_scale": crop_scale, "source": f"synthetic, seed {seed}", "synthetic": True,
-                   "raw_size": raw_size}, f, indent=1)
+    write_json(os.path.join(prepared, "prepare.json"), {  # raw_size: evaluate re-renders ground truths
+        "size": size, "crop_scale": crop_scale, "source": f"synthetic, seed {seed}", "synthetic": True,
+        "raw_size": raw_size})
     todo = [(prepared, i, n_frames, raw_size, size, crop_scale, seed) for i, name in enumerate(names)
             if not os.path.isdir(os.path.join(prepared, name))]
     workers = workers or os.cpu_count()
     log(f"synthetic set: rendering {len(todo)} of {len(names)} videos ({n_frames} frames, {raw_size} px, cropped "
         f"to {size}) into {prepared} on {workers} processes")
     _render_all(_synth_prepared, todo, n_frames, workers)
-    with open(os.path.join(prepared, "split.json"), "w") as f:
-        json.dump(split, f, indent=1)
+    write_json(os.path.join(prepared, "split.json"), split)
     return prepared
 
 
