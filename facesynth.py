@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import copy
 import csv
-import json
 import os
 import signal
 import sys
@@ -229,30 +228,6 @@ def ranks_agree(G, D, world, device, log):
         raise FloatingPointError("ranks drifted apart: their weights differ")
 
 
-# Ctrl-C, and what ends runs elsewhere: SIGTERM (timeout, docker stop, a cluster's pre-emption), SIGHUP
-# (the terminal closed)
-STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
-
-
-def on_stop_signals(log):
-    """Ctrl-C, SIGTERM or SIGHUP once: the step in flight finishes, a checkpoint is saved, the run exits
-    with 128 + the signal's number. Twice: it exits at once, ckpt.pt untouched. Returns the list that
-    holds the first signal once asked to stop, and the old handlers."""
-    stop = []
-
-    def handler(signum, _):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        if signum == signal.SIGHUP and os.isatty(1):  # the terminal is gone: a print would fail the save
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, 1), os.dup2(null, 2), os.close(null)
-        name = STOP_SIGNALS[signum]
-        log(f"\n{name}: saving after this step ({name} again to quit without saving)", flush=True)
-
-    return stop, {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-
-
 def train(args):
     """Train G and D as the paper does, from the options in `args` (a dict; --resume continues a run).
     The run folder is this process's alone while it trains (networks.own_run)."""
@@ -296,21 +271,21 @@ def train_run(args, run, ckpt):
     hm = {"size": args["size"], "sigma": args["sigma"], "window": args["window"]}
     t0 = t_line = time.time()
     done = step_line = start
-    stop, previous = on_stop_signals(log)
+    stop, previous = networks.on_stop_signals(log)
     try:
         for step, b in data.batches(videos, args, start, total, rank, world, device):
             measure = (step + 1) % args["log_every"] == 0 or step + 1 == total
             terms = train_step(G_run, D_run, vgg_run, opt_G, opt_D, b, lam, measure, hm, amp=device.type == "cuda")
             bad |= ~torch.isfinite(terms["G"] + terms["D"])
-            done, now = step + 1, time.time()
-            line = main_rank and (measure or done == start + 1 or now - t_line > LINE_EVERY)
-            save = stop or done % args["ckpt_every"] == 0 or done == total
+            done, now, stopping = step + 1, time.time(), bool(stop)  # one reading: a signal may come any time
+            line = main_rank and (measure or stopping or done == start + 1 or now - t_line > LINE_EVERY)
+            save = stopping or done % args["ckpt_every"] == 0 or done == total
             if (line or save) and bad.item():  # the one host sync, only when a line or a checkpoint needs it
                 raise FloatingPointError(f"loss became NaN/inf by step {done}; stopped ({kept()})")
             if line:
                 rate = (done - step_line) * B / (now - t_line)
                 t_line, step_line, vals = now, done, {k: v.item() for k, v in terms.items()}
-                if measure:
+                if measure or stopping:  # a stopped run's last row: the step its checkpoint holds
                     log_row(log_path, done, per_epoch, elapsed + now - t0, rate, vals, args)
                 eta = (total - done) * B / max(rate, 1e-9)
                 print(f"step {done}/{total} epoch {done / per_epoch:.2f} {rate:.1f} triplets/s "
@@ -325,7 +300,7 @@ def train_run(args, run, ckpt):
                         "opt_D": opt_D.state_dict(), "step": done, "time": elapsed + time.time() - t0,
                         "args": run, "lambdas": lam, "vgg": vgg_source})
                 saved = done
-            if stop:
+            if stopping:
                 log(f"interrupted: checkpoint at step {done} in {ckpt_path}; continue with --resume {out}")
                 raise SystemExit(128 + stop[0])
         if world > 1:

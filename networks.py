@@ -11,6 +11,7 @@ import glob
 import http.client
 import io
 import os
+import signal
 import socket
 import threading
 import time
@@ -322,6 +323,30 @@ def own_run(out, resume=None):
         with contextlib.suppress(OSError):
             os.remove(path)  # before the flock goes: a process waiting on this file then makes a fresh one
         os.close(fd)
+
+
+# Ctrl-C, and what ends runs elsewhere: SIGTERM (timeout, docker stop, a cluster's pre-emption), SIGHUP
+# (the terminal closed)
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+
+
+def on_stop_signals(log):
+    """Ctrl-C, SIGTERM or SIGHUP once: the step in flight finishes, a checkpoint is saved, the run exits
+    with 128 + the signal's number. Twice: it exits at once, ckpt.pt untouched. Returns the list that
+    holds the first signal once asked to stop, and the old handlers."""
+    stop = []
+
+    def handler(signum, _):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        if signum == signal.SIGHUP and os.isatty(1):  # the terminal is gone: a print would fail the save
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1), os.dup2(null, 2), os.close(null)
+        name = STOP_SIGNALS[signum]
+        log(f"\n{name}: saving after this step ({name} again to quit without saving)", flush=True)
+
+    return stop, {s: signal.signal(s, handler) for s in STOP_SIGNALS}
 
 
 def save_checkpoint(path, ckpt):
