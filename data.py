@@ -491,12 +491,14 @@ def read_video(d, size=None):
     """A prepared video folder -> (frames memory-mapped, landmarks), checked where they enter: frames
     (T,S,S,3) uint8 (S = `size` when given), landmarks (T,68,2), finite. A bad one is one DataError
     naming its file, not a traceback from the loader thread or a NaN loss hours later."""
-    again = "prepare the video again"
-    try:
-        frames = np.load(os.path.join(d, "frames.npy"), mmap_mode="r")
-        landmarks = np.load(os.path.join(d, "landmarks.npy"))
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"{d}: cannot read prepared video ({getattr(e, 'strerror', None) or e}); {again}") from None
+    again, arrays = "prepare the video again", []
+    for name, mmap in (("frames.npy", "r"), ("landmarks.npy", None)):  # frames stay on disk until used
+        try:
+            arrays.append(np.load(os.path.join(d, name), mmap_mode=mmap))
+        except (OSError, ValueError, EOFError) as e:
+            why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            raise DataError(f"{os.path.join(d, name)}: cannot read ({why}); {again}") from None
+    frames, landmarks = arrays
     S = size or (frames.shape[1] if frames.ndim == 4 else -1)
     if frames.dtype != np.uint8 or frames.shape[1:] != (S, S, 3) or len(frames) < 1:
         raise DataError(f"{d}/frames.npy: {frames.dtype} of shape {frames.shape}, expected uint8 (T, {S}, {S}, 3); "

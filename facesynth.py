@@ -137,9 +137,7 @@ def resumed(args):
     if changed:
         raise DataError(f"{args['resume']}: cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} "
                         "when resuming; start a new run with another --out instead")
-    run = {**saved, **{k: args[k] for k in given & SCHEDULE}, "resume": args["resume"]}
-    if "out" not in given:
-        run["out"] = args["resume"] if os.path.isdir(args["resume"]) else os.path.dirname(args["resume"])
+    run = {**saved, **{k: args[k] for k in given & SCHEDULE}, "resume": args["resume"], "out": args["out"]}
     return {**run, **{k: args[k] for k in given & SESSION}}, run, ckpt
 
 
@@ -231,12 +229,14 @@ def ranks_agree(G, D, world, device, log):
 def train(args):
     """Train G and D as the paper does, from the options in `args` (a dict; --resume continues a run).
     The run folder is this process's alone while it trains (networks.own_run)."""
-    ckpt, run = None, args
-    if args.get("resume"):
-        args, run, ckpt = resumed(args)
-    run.pop("_given", None), args.pop("_given", None)
+    if args.get("resume") and "out" not in args["_given"]:  # the run goes on in its own folder
+        args["out"] = networks.run_folder(args["resume"])
     owner = int(os.environ.get("RANK", 0)) == 0  # rank 0 holds the folder for all ranks
     with networks.own_run(args["out"], args.get("resume")) if owner else contextlib.nullcontext():
+        ckpt, run = None, args
+        if args.get("resume"):
+            args, run, ckpt = resumed(args)
+        run.pop("_given", None), args.pop("_given", None)
         return train_run(args, run, ckpt)
 
 
@@ -354,7 +354,7 @@ def ablation(args):
     for name, change in runs.items():  # all checked before any training: one REPORT, one set of options
         for seed, out in enumerate(dirs[name]):
             if networks.holds_run(out):  # as --resume checks it, with every option typed
-                mine = {**args, **change, "seed": seed, "resume": out, "_given": given | set(change) | {"seed"}}
+                mine = {**args, **change, "seed": seed, "out": out, "resume": out, "_given": given | set(change) | {"seed"}}
                 steps[out] = resumed(mine)[2]["step"]
     for i, (name, change) in enumerate(runs.items()):
         for seed, out in enumerate(dirs[name]):

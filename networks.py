@@ -313,7 +313,8 @@ def own_run(out, resume=None):
         if holds_run(out) and not resume:
             raise DataError(f"{out}: already holds a run ({mine}); continue it with --resume {out}, or choose "
                             "another --out")
-        if holds_run(out) and resume and not os.path.samefile(checkpoint_file(resume), mine):
+        if holds_run(out) and resume and not (os.path.exists(checkpoint_file(resume))
+                                              and os.path.samefile(checkpoint_file(resume), mine)):
             raise DataError(f"{out}: holds another run ({mine}) that --resume {resume} would write over; "
                             "choose another --out")
         for stale in glob.glob(glob.escape(mine) + "*.tmp"):  # no other writer: a killed one's leftovers
@@ -421,6 +422,11 @@ def check_checkpoint(ckpt, path, keys):
 
 def checkpoint_file(path):
     return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+
+
+def run_folder(path):
+    """The run folder of a run folder or checkpoint file."""
+    return path if os.path.isdir(path) else os.path.dirname(path) or "."
 
 
 def load_checkpoint(path, keys=GENERATE_KEYS):

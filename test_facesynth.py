@@ -7,10 +7,14 @@ import importlib.util
 import json
 import math
 import os
+import re
+import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 from PIL import Image
 import imageio
@@ -1286,15 +1290,14 @@ def test_disk_full_during_training_is_one_line_and_keeps_the_checkpoint(blobs, t
     assert not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
 
 
-def interrupt_at(monkeypatch, *calls):
-    """Ctrl-C (a real SIGINT to this process) during the given calls of L_pix, i.e. inside a step."""
-    import signal
+def interrupt_at(monkeypatch, *calls, sig=signal.SIGINT):
+    """Ctrl-C (a real SIGINT to this process, or `sig`) during the given calls of L_pix, i.e. inside a step."""
     n, real = [0], losses.L_pix
 
     def pix(fake, target):
         n[0] += 1
         for _ in range(calls.count(n[0])):
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
         return real(fake, target)
 
     monkeypatch.setattr(losses, "L_pix", pix)
@@ -1335,6 +1338,146 @@ def test_resume_session_options_do_not_stick_and_time_goes_on(blobs, tmp_path):
     facesynth.main(["train", "--resume", out, "--steps", "10", "--log-every", "5"])
     assert [int(r["step"]) for r in read_log(out)][-2:] == [8, 10]
     assert torch.load(os.path.join(out, "ckpt.pt"))["args"]["log_every"] == 1
+
+
+HERE = os.path.dirname(os.path.abspath(facesynth.__file__))
+RUN_FILES = ["ckpt.pt", "config.json", "log.csv", "samples"]  # a run folder at rest: no lock, no temporary file
+LONG = ["--steps", "100000", "--log-every", "1000", "--sample-every", "100000"]
+
+
+def start_training(*argv):
+    """A real second process training a tiny model, returned once it has finished its first step."""
+    p = subprocess.Popen([sys.executable, "facesynth.py", "train", *argv, *TINY_TRAIN], cwd=HERE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith("step "):
+            return p, "".join(lines)
+    p.wait()
+    raise AssertionError("".join(lines))
+
+
+def test_a_second_writer_refuses_and_a_killed_writers_folder_is_taken_over(blobs, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    lock = os.path.join(out, ".lock")
+    p, _ = start_training("--data", blobs, "--out", out, *LONG, "--ckpt-every", "1")  # a checkpoint every step
+    try:
+        assert open(lock).read() == f"{p.pid}\n"
+        for argv in (["--data", blobs, "--out", out], ["--resume", out]):  # a fresh run, and a resume
+            with pytest.raises(SystemExit) as e:
+                run_train(*argv, "--steps", "3")
+            assert e.value.code == 2 and capsys.readouterr().err == (
+                f"error: {out}: in use by process {p.pid} (it holds {lock}); wait for it to finish or stop it, "
+                "or use another --out\n")
+        while not os.path.exists(os.path.join(out, "ckpt.pt")) and p.poll() is None:
+            time.sleep(0.05)  # its first checkpoint, then (at any later moment) kill -9
+    finally:
+        p.kill()  # kill -9, at whatever moment of a step or a checkpoint write it is in
+        p.wait()
+    assert open(lock).read() == f"{p.pid}\n"  # left behind by the dead writer
+    stale = os.path.join(out, f"ckpt.pt.{p.pid}.tmp")
+    with open(stale, "wb") as f:
+        f.write(b"half a checkpoint")  # what a kill during the write leaves
+    step = torch.load(os.path.join(out, "ckpt.pt"))["step"]
+    run_train("--resume", out, "--steps", str(step + 2))
+    assert torch.load(os.path.join(out, "ckpt.pt"))["step"] == step + 2 and sorted(os.listdir(out)) == RUN_FILES
+
+
+def test_sigterm_saves_after_the_step_like_ctrl_c(blobs, tmp_path):
+    out = str(tmp_path / "run")
+    p, _ = start_training("--data", blobs, "--out", out, *LONG, "--ckpt-every", "100000")
+    p.send_signal(signal.SIGTERM)  # timeout, docker stop, a cluster's pre-emption
+    rest = p.communicate(timeout=120)[0]
+    assert p.returncode == 128 + signal.SIGTERM and "SIGTERM: saving after this step" in rest, rest
+    m = re.search(r"interrupted: checkpoint at step (\d+) in (.+); continue with --resume (.+)\n", rest)
+    assert m[2] == os.path.join(out, "ckpt.pt") and m[3] == out
+    assert torch.load(m[2])["step"] == int(m[1]) == int(read_log(out)[-1]["step"])
+    assert sorted(os.listdir(out)) == RUN_FILES
+
+
+def test_sighup_saves_too(blobs, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "hup")
+    interrupt_at(monkeypatch, 3, sig=signal.SIGHUP)  # the terminal closed
+    with pytest.raises(SystemExit) as e:
+        run_train("--data", blobs, "--out", out, "--steps", "10")
+    assert e.value.code == 128 + signal.SIGHUP and "SIGHUP: saving after this step" in capsys.readouterr().out
+    assert torch.load(os.path.join(out, "ckpt.pt"))["step"] == 3 == int(read_log(out)[-1]["step"])
+
+
+def test_a_run_is_never_written_over(blobs, tmp_path, capsys):
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    run_train("--data", blobs, "--out", a, "--steps", "2")
+    run_train("--data", blobs, "--out", b, "--steps", "4", "--seed", "1")
+    files = [os.path.join(r, f) for r in (a, b) for f in ("ckpt.pt", "log.csv", "config.json")]
+    before = [open(f, "rb").read() for f in files]
+    for argv, message in (
+            (["--data", blobs, "--out", a, "--steps", "2"],
+             f"{a}: already holds a run ({a}/ckpt.pt); continue it with --resume {a}, or choose another --out"),
+            (["--resume", a, "--out", b, "--steps", "6"],
+             f"{b}: holds another run ({b}/ckpt.pt) that --resume {a} would write over; choose another --out")):
+        with pytest.raises(SystemExit) as e:
+            run_train(*argv)
+        assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+    assert [open(f, "rb").read() for f in files] == before
+    run_train("--resume", a, "--out", c, "--steps", "3")  # a new folder: the run goes on there
+    assert torch.load(os.path.join(c, "ckpt.pt"))["step"] == 3 and sorted(os.listdir(c)) == RUN_FILES
+
+
+def test_damaged_checkpoints_are_one_line_and_never_resumed_or_saved_over(blobs, tmp_path, capsys):
+    good_run = str(tmp_path / "good")
+    run_train("--data", blobs, "--out", good_run, "--steps", "2")
+    good = torch.load(os.path.join(good_run, "ckpt.pt"))
+    nan = copy.deepcopy(good)
+    nan["G"]["down.1.0.weight"].view(-1)[5] = float("nan")
+    cases = {"nan": (nan, "G.down.1.0.weight holds NaN/inf values; the file is damaged"),
+             "empty": (b"", "not a readable checkpoint"),
+             "cut": (open(os.path.join(good_run, "ckpt.pt"), "rb").read()[:5000], "not a readable checkpoint"),
+             "no_opt": ({k: v for k, v in good.items() if k != "opt_G"}, "not a whole facesynth checkpoint (missing opt_G)"),
+             "size": ({**good, "args": {**good["args"], "ngf": 16}}, "G's weights do not fit its options (ngf 16,")}
+    for name, (content, message) in cases.items():
+        path = tmp_path / name / "ckpt.pt"
+        path.parent.mkdir()
+        path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+        before = path.read_bytes()
+        with pytest.raises(SystemExit) as e:
+            facesynth.main(["train", "--resume", str(path.parent), "--steps", "4"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: {path}: ") and message in err and err.count("\n") == 1, err
+        assert path.read_bytes() == before and sorted(os.listdir(path.parent)) == ["ckpt.pt"]
+    with pytest.raises(data.DataError, match="holds NaN/inf"):  # reenact and evaluate load G this way
+        networks.load_generator(str(tmp_path / "nan"))
+
+
+def damage(path, how):
+    if how == "short":  # landmarks for one frame fewer than the frames
+        np.save(path, np.load(path)[:-1])
+    elif how == "nan":
+        lm = np.load(path)
+        lm[3, 10, 0] = np.nan
+        np.save(path, lm)
+    elif how == "cut":
+        data_ = open(path, "rb").read()
+        open(path, "wb").write(data_[:len(data_) // 2])
+    else:
+        open(path, "w").write(how)
+
+
+@pytest.mark.parametrize("where, how, message", [
+    ("001/landmarks.npy", "short", "float32 of shape (7, 68, 2), expected float (8, 68, 2) for its 8 frames"),
+    ("001/landmarks.npy", "nan", "NaN/inf in 1 of 8 frames (the first: 3)"),
+    ("001/frames.npy", "cut", "cannot read"),
+    ("split.json", '{"train": ["000", ', "cannot read"),
+    ("001/params.json", "{", "cannot read")])
+def test_bad_prepared_data_is_one_line_naming_the_file(blobs, tmp_path, capsys, where, how, message):
+    root = str(tmp_path / "data")
+    shutil.copytree(blobs, root)
+    damage(os.path.join(root, where), how)
+    with pytest.raises(SystemExit) as e:
+        run_train("--data", root, "--out", str(tmp_path / "run"), "--steps", "1")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {os.path.join(root, where)}: ") and message in err, err
+    assert err.count("\n") == 1 and not os.path.exists(os.path.join(tmp_path, "run", "ckpt.pt"))
 
 
 def test_fused_passes_match_plain_passes():
@@ -2100,6 +2243,12 @@ def test_ablation_trains_every_group_then_reports_and_skips_finished_runs(blobs,
     capsys.readouterr()
     facesynth.main(argv)  # a second call trains nothing
     assert capsys.readouterr().out.count("finished, skipped") == len(facesynth.GROUP_RUNS)
+    with pytest.raises(SystemExit) as e:  # other options: refused, not mixed into one report
+        facesynth.main(argv + ["--ngf", "16", "--steps", "3"])
+    full = os.path.join(out, "full", "seed0")
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"error: {full}: cannot change --ngf when resuming; start a new run with another --out instead\n")
+    assert torch.load(os.path.join(full, "ckpt.pt"))["step"] == 2
 
 
 

@@ -17,7 +17,8 @@ import torch
 from PIL import Image, ImageOps
 
 from data import (CROP_SCALE, N_LANDMARKS, DataError, crop_box, crop_face, decode, face_size, heatmap_picture,
-                  is_video, number, outside, read_pts, read_prepared, read_video, to_uint8, write_video)
+                  is_video, number, outside, read_pts, read_prepared, read_video, to_uint8, writable,
+                  write_video)
 from evaluate import flicker, write_png
 from extras import landmarks, synthetic
 from networks import generate, load_generator, pick_device
@@ -201,6 +202,7 @@ def make_video(args):
     command's options as a dict), its panels side by side, and its flicker. Returns a summary dict."""
     if os.path.splitext(args["out"])[1].lower() not in (".mp4", ".gif"):
         raise DataError(f"{args['out']}: the output must be a .mp4 or .gif")
+    writable(args["out"]), writable(os.path.join(args["frames_dir"] or ".", "x"))  # before any computing
     G, run = load_generator(args["ckpt"], pick_device(args["device"]))
     root, crop_scale = run["args"].get("data"), CROP_SCALE
     if root and os.path.isfile(os.path.join(root, "prepare.json")):  # crop as the training set was cropped
