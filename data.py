@@ -52,6 +52,11 @@ class WriteError(DataError):
     """A file that cannot be written (a full disk, no permission): it stops a run, never just skips a video."""
 
 
+def why_not(e):
+    """An OSError's reason; numpy's short writes carry no errno."""
+    return e.strerror or f"{e}: is the disk full?"
+
+
 @contextlib.contextmanager
 def writing(path):
     """`with writing(path) as tmp:` write `tmp` (this process's own name, same extension), which then
@@ -67,7 +72,7 @@ def writing(path):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         if isinstance(e, OSError):
-            raise WriteError(f"{path}: cannot write ({e.strerror or e})") from None
+            raise WriteError(f"{path}: cannot write ({why_not(e)})") from None
         raise
 
 
@@ -281,7 +286,7 @@ def save_prepared(out, name, frames, marks, params=None):
         os.replace(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise WriteError(f"{e.filename or final}: cannot write ({e.strerror or e})") from None
+        raise WriteError(f"{e.filename or final}: cannot write ({why_not(e)})") from None
 
 
 def _prepare_video(vdir, out, size, crop_scale, detect=None):

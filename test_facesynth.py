@@ -1,5 +1,6 @@
 """facesynth's tests: run with `python -m pytest -q test_facesynth.py` (small images, tiny models)."""
 import argparse
+import contextlib
 import copy
 import csv
 import functools
@@ -224,6 +225,44 @@ def test_prepare_skips_wild_short_and_unnumbered_videos_and_keeps_the_rest(tmp_p
     assert np.load(out / "001" / "frames.npy").shape == (T, 64, 64, 3)
 
 
+
+
+@contextlib.contextmanager
+def file_size_limit(n):
+    """A real `ulimit -f`: writes past n bytes fail with EFBIG (Python ignores SIGXFSZ), as a full disk
+    fails them with ENOSPC."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (n, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_full_disk_while_preparing_is_one_line_and_leaves_no_half_video(tmp_path, capsys):
+    src, out = tmp_path / "raw", tmp_path / "out"
+    make_video(src, "001")
+    make_video(src, "002")
+    with file_size_limit(20_000), pytest.raises(SystemExit) as e:  # 8 crops of 64 x 64 x 3: 98 kB
+        facesynth.main(["prepare", str(src), str(out), "--workers", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"error: {out / '001'}: cannot write (98304 requested and 19872 written: " \
+        "is the disk full?)\n"
+    assert sorted(os.listdir(out)) == ["prepare.json"]  # no .001.tmp, no 001, no split.json
+    facesynth.main(["prepare", str(src), str(out), "--workers", "1"])  # with room again: the whole set
+    assert json.load(open(out / "split.json"))["train"] == ["001", "002"]
+
+
+def test_a_prepare_rerun_redoes_a_damaged_video(tmp_path, capsys):
+    src, out = tmp_path / "raw", tmp_path / "out"
+    make_video(src, "001")
+    facesynth.main(["prepare", str(src), str(out), "--workers", "1"])
+    good = np.load(out / "001" / "frames.npy")
+    with open(out / "001" / "frames.npy", "r+b") as f:
+        f.truncate(1000)
+    facesynth.main(["prepare", str(src), str(out), "--workers", "1"])
+    assert "1 videos prepared, 0 already there" in capsys.readouterr().out
+    assert np.array_equal(np.load(out / "001" / "frames.npy"), good)
 
 
 # ================================================================================================
@@ -1902,6 +1941,16 @@ def test_cli_errors(setup, tmp_path, capsys):
         assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
 
 
+def test_a_failed_write_leaves_no_partial_file(setup, tmp_path):
+    path, noise = tmp_path / "figs" / "a.png", np.random.default_rng(0).integers(0, 256, (100, 100, 3))
+    evaluate.write_png(path, np.zeros((4, 4), np.uint8))
+    before = path.read_bytes()
+    with file_size_limit(4096), pytest.raises(data.WriteError) as e:
+        evaluate.write_png(path, noise)  # 30 kB of noise: PNG cannot compress it
+    assert str(e.value) == f"{path}: cannot write (File too large)"
+    assert path.read_bytes() == before and os.listdir(path.parent) == ["a.png"]
+
+
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """A tiny synthetic set (4 videos of 4 frames, rendered at 64 px, prepared at 32) and a run on it."""
@@ -2448,6 +2497,24 @@ def test_bad_options_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         facesynth.main(argv)
     assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_an_output_under_a_file_is_one_line_before_any_computing(blobs, tmp_path, capsys):
+    """Every verb that writes, with its output below a regular file. The inputs do not exist: the output
+    is checked first, before anything is read or computed."""
+    f = tmp_path / "file"
+    f.write_text("not a folder")
+    for main, argv, message in (
+            (facesynth.main, ["train", "--data", blobs, "--out", f"{f}/run", *TINY_TRAIN],
+             f"{f}/run: cannot use as a run folder (Not a directory)"),
+            (facesynth.main, ["prepare", blobs, f"{f}/out"], f"{f}/out: cannot make the output folder (Not a directory)"),
+            (facesynth.main, ["reenact", "--ckpt", "none", "--source", "none", "--driver", "none", "--out", f"{f}/a.mp4"],
+             f"{f}/a.mp4: cannot write there ({f} is a file, not a folder)"),
+            (evaluate.main, ["metrics", "--runs", "none", "--out", f"{f}/eval"],
+             f"{f}/eval/x: cannot write there ({f} is a file, not a folder)")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_bad_data_folders_say_what_to_run(tmp_path, capsys):

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data import (CROP_SCALE, MIRROR, N_LANDMARKS, DataError, WriteError, crop_face, pool_map, progress, save_prepared,
-                  write_json)
+                  why_not, write_json)
 
 SYNTH_VIDEOS = (50, 31, 19, 14)  # train/test1/test2/test3, the sizes of 300VW's split
 SYNTH_FRAMES = 200               # 8 s at 25 fps a video; 114 videos = 22.8k frames
@@ -275,7 +275,7 @@ def _synth_video(job):
         os.rename(tmp, os.path.join(out, name))
     except OSError as e:  # a full disk: no half video left behind
         shutil.rmtree(tmp, ignore_errors=True)
-        raise WriteError(f"{e.filename or os.path.join(out, name)}: cannot write ({e.strerror or e})") from None
+        raise WriteError(f"{e.filename or os.path.join(out, name)}: cannot write ({why_not(e)})") from None
     return n_frames
 
 
