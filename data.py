@@ -49,7 +49,7 @@ class DataError(ValueError):
 
 
 class WriteError(DataError):
-    """A file that cannot be written (a full disk, no permission): it stops a run, never just skips a video."""
+    """A file that cannot be written (a full disk, no permission): it stops a run, never skips a video."""
 
 
 def why_not(e):
@@ -114,8 +114,9 @@ class ArgParser(argparse.ArgumentParser):
         fail(message)
 
 
-def number(kind=int, low=1, above=False):
-    """An argparse type: a finite `kind` (int or float) of at least `low`, or above it."""
+def number(kind=int, low=1, above=False, high=None):
+    """An argparse type: a finite `kind` (int or float) of at least `low`, or above it, and at most `high`
+    (where memory runs out long before)."""
     def parse(text):
         try:
             v = kind(text)
@@ -123,6 +124,8 @@ def number(kind=int, low=1, above=False):
             raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' * (kind is int)}number") from None
         if not math.isfinite(v) or v < low or (above and v == low):
             raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {'above' if above else 'at least'} {low}")
+        if high is not None and v > high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: at most {high} (memory runs out)")
         return v
     return parse
 
@@ -484,7 +487,7 @@ WINDOW = 7
 
 
 def read_json(path, fix):
-    """A JSON file -> its value; an unreadable or malformed one is a DataError that names it and says `fix`."""
+    """A JSON file -> its value; an unreadable or malformed one is a DataError naming it and saying `fix`."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -506,15 +509,15 @@ def read_video(d, size=None):
     frames, landmarks = arrays
     S = size or (frames.shape[1] if frames.ndim == 4 else -1)
     if frames.dtype != np.uint8 or frames.shape[1:] != (S, S, 3) or len(frames) < 1:
-        raise DataError(f"{d}/frames.npy: {frames.dtype} of shape {frames.shape}, expected uint8 (T, {S}, {S}, 3); "
-                        + again)
+        raise DataError(f"{d}/frames.npy: {frames.dtype} of shape {frames.shape}, expected uint8 "
+                        f"(T, {S}, {S}, 3); {again}")
     if landmarks.shape != (len(frames), N_LANDMARKS, 2) or not np.issubdtype(landmarks.dtype, np.floating):
         raise DataError(f"{d}/landmarks.npy: {landmarks.dtype} of shape {landmarks.shape}, expected float "
                         f"({len(frames)}, {N_LANDMARKS}, 2) for its {len(frames)} frames; {again}")
     bad = ~np.isfinite(landmarks).all((1, 2))
     if bad.any():
-        raise DataError(f"{d}/landmarks.npy: NaN/inf in {bad.sum()} of {len(bad)} frames (the first: {bad.argmax()}); "
-                        + again)
+        raise DataError(f"{d}/landmarks.npy: NaN/inf in {bad.sum()} of {len(bad)} frames (the first: "
+                        f"{bad.argmax()}); {again}")
     return frames, landmarks.astype(np.float32, copy=False)
 
 
@@ -528,7 +531,7 @@ def read_prepared(root):
                         f"python facesynth.py prepare {root} OUT, then --data OUT")
     meta = read_json(meta, "prepare the dataset again")
     if not isinstance(meta, dict) or not isinstance(meta.get("size"), int) or meta["size"] < 1:
-        raise DataError(f"{os.path.join(root, 'prepare.json')}: no image size in it; prepare the dataset again")
+        raise DataError(f"{os.path.join(root, 'prepare.json')}: no image size; prepare the dataset again")
     return meta
 
 
@@ -540,7 +543,7 @@ def load_videos(root, split):
     mapping, size = read_json(split_file, "prepare the dataset again"), read_prepared(root)["size"]
     names = mapping.get(split) if isinstance(mapping, dict) else None
     if not names or not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-        raise DataError(f"{split_file}: split '{split}' has no videos (a JSON mapping of split -> list of names)")
+        raise DataError(f"{split_file}: split '{split}' has no videos (a JSON mapping of split -> names)")
     videos = []
     for name in names:
         d = os.path.join(root, name)

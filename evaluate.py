@@ -154,7 +154,8 @@ def videos_of(root, split=None):
     is the first test split that has videos (a small synthetic set may leave some empty)."""
     if split is None and os.path.isfile(os.path.join(root, "split.json")):  # else load_videos says so
         mapping = data.read_json(os.path.join(root, "split.json"), "prepare the dataset again")
-        split = next((k for k, v in sorted(mapping.items() if isinstance(mapping, dict) else []) if k.startswith("test") and v), "test1")
+        mapping = mapping if isinstance(mapping, dict) else {}  # load_videos says what is wrong with it
+        split = next((k for k, v in sorted(mapping.items()) if k.startswith("test") and v), "test1")
     if (root, split) not in _VIDEOS:
         _VIDEOS[root, split] = data.load_videos(root, split)
     return split, _VIDEOS[root, split]
@@ -329,7 +330,7 @@ def read_log(run_dir):
     out) plus the total L_G, from log.csv (raw terms) and config.json (the effective lambdas)."""
     try:
         with open(os.path.join(run_dir, "log.csv")) as f:
-            rows = list(csv.DictReader(f))
+            rows = [r for r in csv.DictReader(f) if None not in r.values()]  # not a row cut short by a kill
         with open(os.path.join(run_dir, "config.json")) as f:
             lam = json.load(f)["lambdas"]
         col = lambda k: np.array([float(r[k] or "nan") for r in rows])

@@ -42,6 +42,7 @@ from losses import TERMS
 LR_G, LR_D, BETAS = 2e-4, 5e-5, (0.5, 0.999)
 EPOCHS, TRIPLETS_PER_EPOCH, BATCH_SIZE = 6, 9500, 16
 NGF, N_DOWN, NDF = 64, 4, 32
+BATCH_MAX, WIDTH_MAX = 16384, 1024  # memory runs out long before: a one-line error, not an allocator's
 LOG_EVERY, SAMPLE_EVERY, CKPT_EVERY = 50, 500, 500
 LINE_EVERY = 30  # seconds: a progress line at least this often, so a slow run is never silent
 CACHE = extras.synthetic.SYNTH_CACHE
@@ -132,7 +133,7 @@ def resumed(args):
     option typed now (--device, --log-every, ...) only this session. A changed model or data option is
     an error: the weights would no longer mean what the options say."""
     ckpt, given = networks.load_checkpoint(args["resume"], networks.TRAIN_KEYS), args["_given"]
-    saved = {**{k: v for k, v in args.items() if k not in given}, **ckpt["args"]}  # an older run: today's defaults
+    saved = {**{k: v for k, v in args.items() if k not in given}, **ckpt["args"]}  # old runs: new defaults
     changed = sorted(k for k in given - SESSION - SCHEDULE - {"resume"} if args[k] != saved.get(k))
     if changed:
         raise DataError(f"{args['resume']}: cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} "
@@ -354,8 +355,8 @@ def ablation(args):
     for name, change in runs.items():  # all checked before any training: one REPORT, one set of options
         for seed, out in enumerate(dirs[name]):
             if networks.holds_run(out):  # as --resume checks it, with every option typed
-                mine = {**args, **change, "seed": seed, "out": out, "resume": out, "_given": given | set(change) | {"seed"}}
-                steps[out] = resumed(mine)[2]["step"]
+                mine = {**args, **change, "seed": seed, "out": out, "resume": out}
+                steps[out] = resumed({**mine, "_given": given | set(change) | {"seed"}})[2]["step"]
     for i, (name, change) in enumerate(runs.items()):
         for seed, out in enumerate(dirs[name]):
             done = steps.get(out, 0)
@@ -384,18 +385,19 @@ def reenact(args):
 # ----------------------------------------------------------------------------- command line
 def add_train_options(p):
     pos, nonneg, above0 = data.number(), data.number(int, 0), data.number(float, 0, above=True)
+    batch, width, depth = data.number(high=BATCH_MAX), data.number(high=WIDTH_MAX), data.number(high=8)
     p.add_argument("--data", help="prepared dataset (default: the built-in synthetic set, made once in data/synthetic/)")
     p.add_argument("--out", default=os.path.join("runs", "default"), help="run folder")
     p.add_argument("--resume", help="run folder or checkpoint to continue from")
-    p.add_argument("--batch-size", type=pos, default=BATCH_SIZE, help="triplets per step (per process)")
+    p.add_argument("--batch-size", type=batch, default=BATCH_SIZE, help="triplets per step (per process)")
     p.add_argument("--epochs", type=pos, default=EPOCHS)
     p.add_argument("--triplets-per-epoch", type=pos, default=TRIPLETS_PER_EPOCH)
     p.add_argument("--steps", type=pos, help="total steps, instead of --epochs (a short run: --steps 200)")
     p.add_argument("--lr-g", type=above0, default=LR_G)
     p.add_argument("--lr-d", type=above0, default=LR_D)
-    p.add_argument("--ngf", type=pos, default=NGF, help="G width (pix2pix: 64)")
-    p.add_argument("--n-down", type=pos, default=N_DOWN, help="G down-sampling blocks (paper: 4)")
-    p.add_argument("--ndf", type=pos, default=NDF, help="D width (paper: 32)")
+    p.add_argument("--ngf", type=width, default=NGF, help="G width (pix2pix: 64)")
+    p.add_argument("--n-down", type=depth, default=N_DOWN, help="G down-sampling blocks (paper: 4)")
+    p.add_argument("--ndf", type=width, default=NDF, help="D width (paper: 32)")
     p.add_argument("--sigma", type=above0, default=data.SIGMA, help="heatmap Gaussian sigma in pixels")
     p.add_argument("--window", type=pos, default=data.WINDOW, help="heatmap window in pixels")
     p.add_argument("--max-gap", type=data.number(int, 2), help="max frames between a triplet's ends (default: whole video)")
@@ -458,13 +460,13 @@ def main(argv=None):
     p.add_argument("--split", help="test split to evaluate (default: the first with videos)")
     p = sub.add_parser("bench", help="time full training steps against the device's matmul peak")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--batch-size", type=pos, default=BATCH_SIZE)
+    p.add_argument("--batch-size", type=data.number(high=BATCH_MAX), default=BATCH_SIZE)
     p.add_argument("--steps", type=pos, default=10, help="timed steps")
     p.add_argument("--warmup", type=data.number(int, 0), default=2)
     p.add_argument("--size", type=data.number(int, 16), default=64, help="image size of random batches (a dataset has its own)")
-    p.add_argument("--ngf", type=pos, default=NGF)
-    p.add_argument("--n-down", type=pos, default=N_DOWN)
-    p.add_argument("--ndf", type=pos, default=NDF)
+    p.add_argument("--ngf", type=data.number(high=WIDTH_MAX), default=NGF)
+    p.add_argument("--n-down", type=data.number(high=8), default=N_DOWN)
+    p.add_argument("--ndf", type=data.number(high=WIDTH_MAX), default=NDF)
     p.add_argument("--vgg-widths", type=pos, nargs=5, metavar="C", help="narrower VGG block widths for smoke tests")
     add_compile_option(p)
     p.add_argument("--data", help="prepared dataset to draw the batch from (default: the built-in synthetic set "
@@ -495,6 +497,10 @@ def main(argv=None):
             reenact(a)
     except (DataError, FloatingPointError) as e:
         fail(str(e))
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError, or the CPU allocator's RuntimeError
+        if not networks.memory_error(e):
+            raise
+        fail(networks.memory_error(e))
 
 
 if __name__ == "__main__":

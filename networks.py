@@ -11,6 +11,7 @@ import glob
 import http.client
 import io
 import os
+import re
 import signal
 import socket
 import threading
@@ -59,6 +60,16 @@ def pick_device(name=None, log=print):
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise DataError(f"--device {name}: there are only {torch.cuda.device_count()} GPUs")
     return device
+
+
+def memory_error(e):
+    """An allocator's failure (torch.OutOfMemoryError, the CPU allocator's RuntimeError, numpy's
+    MemoryError) as one line; None for any other error."""
+    if not isinstance(e, MemoryError) and "allocate" not in str(e):
+        return None
+    size = re.search(r"[Tt]ried to allocate ([\d.]+ ?[A-Za-z]+)", str(e))
+    size = f" (allocating {size[1]})" if size else ""
+    return f"out of memory{size}; use a smaller --batch-size, --ngf or --ndf"
 
 
 def count_params(module):
@@ -299,8 +310,8 @@ def own_run(out, resume=None):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise DataError(f"{out}: in use by process {_lock_holder(path)} (it holds {path}); wait for it "
-                                "to finish or stop it, or use another --out") from None
+                raise DataError(f"{out}: in use by process {_lock_holder(path)} (it holds {path}); wait for "
+                                "it to finish or stop it, or use another --out") from None
             if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
                 break  # else the last owner removed the file between our open and flock: take the new one
             os.close(fd)
@@ -311,8 +322,8 @@ def own_run(out, resume=None):
     try:
         mine = os.path.join(out, "ckpt.pt")
         if holds_run(out) and not resume:
-            raise DataError(f"{out}: already holds a run ({mine}); continue it with --resume {out}, or choose "
-                            "another --out")
+            raise DataError(f"{out}: already holds a run ({mine}); continue it with --resume {out}, or "
+                            "choose another --out")
         if holds_run(out) and resume and not (os.path.exists(checkpoint_file(resume))
                                               and os.path.samefile(checkpoint_file(resume), mine)):
             raise DataError(f"{out}: holds another run ({mine}) that --resume {resume} would write over; "
@@ -366,7 +377,7 @@ def save_checkpoint(path, ckpt):
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):
-            kept = "the previous one is kept as it was" if os.path.isfile(path) else "no checkpoint was written"
+            kept = "the previous one is kept as it was" if os.path.isfile(path) else "none was written"
             raise DataError(f"{path}: cannot write the checkpoint ({e.strerror or e}); {kept}") from None
         raise
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)  # the rename itself, on disk
@@ -416,8 +427,8 @@ def check_checkpoint(ckpt, path, keys):
     for key in [k for k in ("G", "D", "opt_G", "opt_D") if k in keys]:
         for name, t in _tensors(ckpt[key]):
             if t.is_floating_point() and not torch.isfinite(t).all():
-                raise DataError(f"{path}: {key}{name} holds NaN/inf values; the file is damaged (resume from a "
-                                "copy, or train again)")
+                raise DataError(f"{path}: {key}{name} holds NaN/inf values; the file is damaged (resume from "
+                                "a copy, or train again)")
 
 
 def checkpoint_file(path):

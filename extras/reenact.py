@@ -26,6 +26,7 @@ from networks import generate, load_generator, pick_device
 REENACT_FRAMES = 100  # a synthetic driver's length: 4 s at 25 fps
 REENACT_FPS = 25
 REENACT_HEIGHT = 256  # without --zoom, panels are enlarged to about this many pixels
+REENACT_ZOOM_MAX = 16  # the video is built in memory: 100 frames of 4 x 64 px panels x 16 take 1.3 GB
 
 
 def retarget(src_lm, drv_lms, neutral=0):
@@ -120,6 +121,26 @@ def load_driver(spec, n=None):
     return {"lms": lms, "frames": frames, "who": os.path.realpath(spec), "motion": None}
 
 
+def read_image(path):
+    """An image file -> RGB uint8 (H,W,3), upright as viewers show it (phone photos are often stored
+    sideways with an EXIF rotation). Any bit depth: 16-bit and float grey are scaled to 8 bits, which
+    Pillow's convert would clip to white."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode.startswith("I") or im.mode == "F":
+                a = np.asarray(im, np.float64)
+                top = 1.0 if im.mode == "F" and a.max() <= 1 else \
+                    255.0 if im.mode in ("I", "F") and a.max() <= 255 else 65535.0
+                im = Image.fromarray(np.clip(a * (255 / top), 0, 255).round().astype(np.uint8))
+            return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as e:  # Pillow's guard against huge images
+        why = str(e).split(", could be")[0]
+        raise DataError(f"{path}: too large an image ({why}); scale it down") from None
+    except OSError:  # not an image Pillow knows
+        raise DataError(f"{path}: not a readable image") from None
+
+
 def load_face(spec, pts=None):
     """FACE -> {"image", "lm" (68,2) in its pixels, "who", "identity" (synthetic sources only)}. An
     image's landmarks: --source-pts, else the .pts beside it, else detected."""
@@ -139,10 +160,7 @@ def load_face(spec, pts=None):
         return {"image": np.asarray(image), "lm": lm, "who": drv["who"], "identity": None}
     if not os.path.isfile(spec):
         raise DataError(f"{spec}: no such file")
-    try:  # upright as viewers show it: phone photos are often stored sideways with an EXIF rotation
-        image = np.asarray(ImageOps.exif_transpose(Image.open(spec)).convert("RGB"))
-    except OSError:  # not an image Pillow knows
-        raise DataError(f"{spec}: not a readable image") from None
+    image = read_image(spec)
     beside = os.path.splitext(spec)[0] + ".pts"
     if pts or os.path.isfile(beside):  # given landmarks win over detection
         lm = read_pts(pts or beside)
@@ -259,7 +277,8 @@ def add_options(p):
     p.add_argument("--frames", type=number(), help=f"use the first N driver frames (synthetic: default "
                    f"{REENACT_FRAMES})")
     p.add_argument("--fps", type=number(float, 0, above=True), default=REENACT_FPS)
-    p.add_argument("--zoom", type=number(), help=f"enlarge the panels K times, nearest neighbour (default: "
+    p.add_argument("--zoom", type=number(high=REENACT_ZOOM_MAX),
+                   help=f"enlarge the panels K times, nearest neighbour (default: "
                    f"to about {REENACT_HEIGHT} px high)")
     p.add_argument("--frames-dir", help="also write every frame as a PNG into this folder")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
