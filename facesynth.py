@@ -497,6 +497,8 @@ def main(argv=None):
             reenact(a)
     except (DataError, FloatingPointError) as e:
         fail(str(e))
+    except OSError as e:  # a write no helper wraps (log.csv's rows on a full disk): still one line
+        fail(f"{e.filename or 'a file'}: {e.strerror or e}")
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError, or the CPU allocator's RuntimeError
         if not networks.memory_error(e):
             raise

@@ -7,7 +7,6 @@ D(I, e_t) says how real an image looks *given* the landmarks it should show.
 """
 import contextlib
 import fcntl
-import glob
 import http.client
 import io
 import os
@@ -280,6 +279,7 @@ def load_vgg(layers, path=None, log=print, widths=VGG_WIDTHS):
 
 # ----------------------------------------------------------------------------- run folders and checkpoints
 LOCK = ".lock"  # in a run folder: the PID of the one process that writes it
+STALE = re.compile(r"\.\d+\.tmp(\.\w+)?$|^ckpt\.pt\.tmp$")  # NAME.PID.tmp[.EXT] (data.writing)
 
 
 def holds_run(out):
@@ -328,8 +328,9 @@ def own_run(out, resume=None):
                                               and os.path.samefile(checkpoint_file(resume), mine)):
             raise DataError(f"{out}: holds another run ({mine}) that --resume {resume} would write over; "
                             "choose another --out")
-        for stale in glob.glob(glob.escape(mine) + "*.tmp"):  # no other writer: a killed one's leftovers
-            os.remove(stale)
+        for d in (out, os.path.join(out, "samples")):  # no other writer: a killed one's leftovers
+            for f in filter(STALE.search, os.listdir(d) if os.path.isdir(d) else []):
+                os.remove(os.path.join(d, f))
         yield out
     finally:
         with contextlib.suppress(OSError):

@@ -1417,13 +1417,14 @@ def test_a_second_writer_refuses_and_a_killed_writers_folder_is_taken_over(blobs
         p.kill()  # kill -9, at whatever moment of a step or a checkpoint write it is in
         p.wait()
     assert open(lock).read() == f"{p.pid}\n"  # left behind by the dead writer
-    stale = os.path.join(out, f"ckpt.pt.{p.pid}.tmp")
-    with open(stale, "wb") as f:
-        f.write(b"half a checkpoint")  # what a kill during the write leaves
+    for stale in (f"ckpt.pt.{p.pid}.tmp", f"samples/step_000009.{p.pid}.tmp.png"):  # a kill mid-write
+        os.makedirs(os.path.dirname(os.path.join(out, stale)), exist_ok=True)
+        with open(os.path.join(out, stale), "wb") as f:
+            f.write(b"half a file")
     step = torch.load(os.path.join(out, "ckpt.pt"))["step"]
     run_train("--resume", out, "--steps", str(step + 2))
     assert torch.load(os.path.join(out, "ckpt.pt"))["step"] == step + 2
-    assert sorted(os.listdir(out)) == RUN_FILES
+    assert sorted(os.listdir(out)) == RUN_FILES and not any(".tmp" in f for f in os.listdir(f"{out}/samples"))
 
 
 def test_sigterm_saves_after_the_step_like_ctrl_c(blobs, tmp_path):
