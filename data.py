@@ -76,9 +76,10 @@ def writing(path):
         raise
 
 
-def writable(path):
-    """Checked before any computing: the folders above `path` are, or can be made, folders we may write."""
-    up = os.path.dirname(os.path.abspath(path))
+def writable(path, folder=False):
+    """Checked before any computing: the file `path` (or the folder, with `folder`) can be written: the
+    nearest of it and the folders above that exists is a folder we may write."""
+    up = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
     while not os.path.exists(up):
         up = os.path.dirname(up)
     if not os.path.isdir(up) or not os.access(up, os.W_OK | os.X_OK):

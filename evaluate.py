@@ -469,7 +469,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         device = networks.pick_device(getattr(a, "device", "cpu"))
-        data.writable(os.path.join(a.out, "x"))  # before any computing
+        data.writable(a.out, folder=True)  # before any computing
         if a.cmd == "heatmaps" and not a.vmin < a.vmax:
             raise DataError(f"--vmin {a.vmin:g} --vmax {a.vmax:g}: the colour scale needs vmin < vmax")
         if a.cmd == "losses":

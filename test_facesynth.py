@@ -2577,7 +2577,7 @@ def test_an_output_under_a_file_is_one_line_before_any_computing(blobs, tmp_path
                               "--out", f"{f}/a.mp4"],
              f"{f}/a.mp4: cannot write there ({f} is a file, not a folder)"),
             (evaluate.main, ["metrics", "--runs", "none", "--out", f"{f}/eval"],
-             f"{f}/eval/x: cannot write there ({f} is a file, not a folder)")):
+             f"{f}/eval: cannot write there ({f} is a file, not a folder)")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"

@@ -220,7 +220,7 @@ def make_video(args):
     command's options as a dict), its panels side by side, and its flicker. Returns a summary dict."""
     if os.path.splitext(args["out"])[1].lower() not in (".mp4", ".gif"):
         raise DataError(f"{args['out']}: the output must be a .mp4 or .gif")
-    writable(args["out"]), writable(os.path.join(args["frames_dir"] or ".", "x"))  # before any computing
+    writable(args["out"]), writable(args["frames_dir"] or ".", folder=True)  # before any computing
     G, run = load_generator(args["ckpt"], pick_device(args["device"]))
     root, crop_scale = run["args"].get("data"), CROP_SCALE
     if root and os.path.isfile(os.path.join(root, "prepare.json")):  # crop as the training set was cropped
