@@ -15,6 +15,7 @@ import json
 import math
 import os
 import queue
+import re
 import shutil
 import sys
 import threading
@@ -97,6 +98,25 @@ def fail(msg):
     """A user-facing error: one line on stderr, exit status 2, no traceback."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """A verb's expected failures as one `error:` line (fail): bad input, a NaN loss, a write that no
+    helper wraps (log.csv's rows on a full disk), running out of memory. Anything else is a bug and
+    keeps its traceback."""
+    try:
+        yield
+    except (DataError, FloatingPointError) as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"{e.filename or 'a file'}: {e.strerror or e}")
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError, or the CPU allocator's RuntimeError
+        if not isinstance(e, MemoryError) and "allocate" not in str(e):
+            raise
+        size = re.search(r"[Tt]ried to allocate ([\d.]+ ?[A-Za-z]+)", str(e))
+        fail(f"out of memory{f' (allocating {size[1]})' if size else ''}; use a smaller --batch-size, "
+             "--ngf or --ndf")
 
 
 class ArgParser(argparse.ArgumentParser):

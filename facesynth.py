@@ -475,7 +475,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     a = vars(args)
     verb = a.pop("verb")
-    try:
+    with data.one_line_errors():
         if verb == "train":
             train({**a, "_given": given_options(p_train, argv[1:])})
         elif verb == "prepare":
@@ -495,14 +495,6 @@ def main(argv=None):
             bench(a)
         elif verb == "reenact":
             reenact(a)
-    except (DataError, FloatingPointError) as e:
-        fail(str(e))
-    except OSError as e:  # a write no helper wraps (log.csv's rows on a full disk): still one line
-        fail(f"{e.filename or 'a file'}: {e.strerror or e}")
-    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError, or the CPU allocator's RuntimeError
-        if not networks.memory_error(e):
-            raise
-        fail(networks.memory_error(e))
 
 
 if __name__ == "__main__":

@@ -61,16 +61,6 @@ def pick_device(name=None, log=print):
     return device
 
 
-def memory_error(e):
-    """An allocator's failure (torch.OutOfMemoryError, the CPU allocator's RuntimeError, numpy's
-    MemoryError) as one line; None for any other error."""
-    if not isinstance(e, MemoryError) and "allocate" not in str(e):
-        return None
-    size = re.search(r"[Tt]ried to allocate ([\d.]+ ?[A-Za-z]+)", str(e))
-    size = f" (allocating {size[1]})" if size else ""
-    return f"out of memory{size}; use a smaller --batch-size, --ngf or --ndf"
-
-
 def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
