@@ -417,7 +417,8 @@ def check_checkpoint(ckpt, path, keys):
                             f"{args['n_down']}, ndf {args['ndf']}): {bad[0]} differs")
     for key in [k for k in ("G", "D", "opt_G", "opt_D") if k in keys]:
         for name, t in _tensors(ckpt[key]):
-            if t.is_floating_point() and not torch.sum(t, dtype=torch.float64).isfinite():  # NaN/inf propagate
+            # one sum per tensor: NaN and inf propagate through it, and float64 cannot overflow on weights
+            if t.is_floating_point() and not torch.sum(t, dtype=torch.float64).isfinite():
                 raise DataError(f"{path}: {key}{name} holds NaN/inf values; the file is damaged (resume from "
                                 "a copy, or train again)")
 
