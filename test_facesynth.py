@@ -391,6 +391,15 @@ def test_ensure_synthetic_builds_once_then_reuses(tmp_path, monkeypatch):
     assert rendered == [3] and json.load(open(os.path.join(root, "split.json"))) == split
 
 
+def test_a_full_disk_while_building_the_synthetic_set_is_one_line(tmp_path):
+    tiny = dict(n_frames=3, n_videos=(2, 1, 1, 1), raw_size=96, size=32, workers=1, log=lambda *_: None)
+    with file_size_limit(4096), pytest.raises(data.WriteError) as e:  # 3 crops of 32 x 32 x 3: 9 kB
+        extras.synthetic.ensure_synthetic(str(tmp_path / "cache"), **tiny)
+    prepared = tmp_path / "cache" / "prepared"
+    assert str(e.value).startswith(f"{prepared / '001'}: cannot write (")
+    assert sorted(os.listdir(prepared)) == ["prepare.json"]  # no .001.tmp, no split.json
+
+
 def test_ensure_synthetic_needs_no_ffmpeg_and_matches_synth_then_prepare(tmp_path, monkeypatch):
     """The GPU machines have no imageio-ffmpeg: the default set is rendered straight into the prepared
     layout. It must be the set that synth (300VW-layout videos) + prepare make, less the video coding."""
@@ -1966,6 +1975,20 @@ def test_cli_errors(setup, tmp_path, capsys):
             evaluate.main(["metrics", "--runs", str(run), "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("cmd", ["metrics", "heatmaps"])
+def test_nan_landmarks_stop_evaluation_with_one_line(setup, tmp_path, capsys, cmd):
+    root, runs = setup
+    lm = np.load(root / "001" / "landmarks.npy")
+    lm[2, 5] = np.nan
+    np.save(root / "001" / "landmarks.npy", lm)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([cmd, "--runs", str(runs[0]), "--out", str(tmp_path / "o"), "--n", "4"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"error: {root / '001' / 'landmarks.npy'}: NaN/inf in 1 of 6 frames (the first: 2); prepare the video "
+        "again\n")
+    assert not os.path.exists(tmp_path / "o" / "heatmaps.png")
 
 
 def test_a_failed_write_leaves_no_partial_file(setup, tmp_path):
