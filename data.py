@@ -11,6 +11,7 @@ A prepared dataset is a folder of videos, each `NNN/frames.npy` (uint8, T x S x 
 """
 import argparse
 import contextlib
+import difflib
 import json
 import math
 import os
@@ -127,12 +128,32 @@ class ArgParser(argparse.ArgumentParser):
         super().__init__(*a, formatter_class=argparse.RawDescriptionHelpFormatter, **k)
 
     def add_argument(self, *a, **k):
-        if a[0].startswith("-") and k.get("default") not in (None, False, argparse.SUPPRESS) and "default" not in k.get("help", ""):
+        shown = k.get("default") is not None and k.get("default") is not False and k.get("default") not in ([], argparse.SUPPRESS)
+        if a[0].startswith("-") and shown and "default" not in k.get("help", ""):  # 0 is a default to show
             k["help"] = (k.get("help", "") + " (default: %(default)s)").strip()  # read when --help prints
         return super().add_argument(*a, **k)
 
+    def parse_known_args(self, args=None, namespace=None):
+        self.argv = sys.argv[1:] if args is None else list(args)  # error() looks for the verb in it
+        return super().parse_known_args(args, namespace)
+
     def error(self, message):
-        fail(message)
+        fail(message + self.did_you_mean(message))
+
+    def did_you_mean(self, message):
+        """' (did you mean --batch-size?)' for a mistyped option or verb: the nearest of the parser's own
+        (difflib's ratio >= 0.6); argparse's suggest_on_error only arrives with Python 3.14."""
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            words, names = [choice[1]], re.findall(r"'([^']*)'", choice[2])
+        else:
+            unknown = re.search(r"unrecognized arguments: (.*)", message)
+            words = [w.split("=")[0] for w in unknown[1].split() if w.startswith("-")] if unknown else []
+            verbs = [a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+            typed = next((vs[w] for vs in verbs for w in getattr(self, "argv", []) if w in vs), self)
+            names = [o for a in typed._actions for o in a.option_strings]
+        hits = [h[0] for w in words for h in [difflib.get_close_matches(w, names, 1)] if h]
+        return f" (did you mean {' '.join(hits)}?)" if hits else ""
 
 
 def number(kind=int, low=1, above=False, high=None):
@@ -155,9 +176,16 @@ def progress(label, done, total, t0, unit="frames", extra=""):
     """One self-overwriting progress line with rate and ETA; a newline once done == total."""
     rate = done / max(time.time() - t0, 1e-9)
     eta = (total - done) / rate if rate > 0 else float("inf")
-    eta_s = f"{eta // 60:.0f}m{eta % 60:02.0f}s" if math.isfinite(eta) else "?"
     end = "\n" if done >= total else ""
-    print(f"\r{label} {done}/{total} {rate:.1f} {unit}/s ETA {eta_s} {extra}".rstrip(), end=end, flush=True)
+    print(f"\r{label} {done}/{total} {rate:.1f} {unit}/s ETA {clock(eta)} {extra}".rstrip(), end=end, flush=True)
+
+
+def clock(seconds):
+    """Seconds as 7m05s, or 2h03m from an hour on; '?' when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(round(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 
 # ----------------------------------------------------------------------------- .pts, THE crop, videos
