@@ -1,14 +1,16 @@
 """Evaluation of trained facesynth runs: the paper's figures and the numbers it never reported.
 
-    python evaluate.py heatmaps --runs runs/A runs/B   # Appendix B: error heatmaps of generated images
-    python evaluate.py grid     --runs runs/A          # Fig. 1: source, landmarks, generated, target
+    python evaluate.py grid                            # Fig. 1: source, target landmarks, generated, target
     python evaluate.py losses   --runs runs/A runs/B   # Fig. 3 loss-term bars, Fig. 4 loss curves
+    python evaluate.py heatmaps --runs runs/A runs/B   # Appendix B: error heatmaps of generated images
     python evaluate.py metrics  --runs runs/A runs/B   # L1 / PSNR / SSIM (+ cross-identity) with 95 % CIs
 
-Figures are drawn with Pillow and written by the small PNG writer below. Pairs are a pure function of (dataset, split,
-n, seed): runs on one dataset are scored on the same pairs and compared pair by pair (write_report).
+Without --runs, a command takes the run under runs/ that was trained last. Outputs go to eval/ (--out).
+The faces are held-out pairs that depend only on the dataset, split, --n and --seed, so every run is
+scored on the same pairs and runs compare pair by pair.
 """
 import csv
+import glob
 import json
 import math
 import os
@@ -30,7 +32,7 @@ from losses import TERMS
 N_FIGURE, N_EVAL, SEED = 6, 200, 0   # pairs in a figure, pairs scored by metrics, pair-sampling seed
 VMIN, VMAX = 0, 96                   # the paper: error 0 -> dark blue, >= 96 of 255 -> yellow
 N_PERM = 10000                       # sign flips in the paired permutation test
-FLICKER_VIDEOS, FLICKER_FRAMES = 8, 40  # flicker: the first 8 videos of the split, 40 frames each
+FLICKER_VIDEOS, FLICKER_FRAMES = 8, 24  # flicker: the first 8 videos of the split, 24 frames each
 TAIL = 0.1                           # "end of training" = mean of the last 10 % of the log's rows
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 # Viridis (van der Walt & Smith; matplotlib's _viridis_data, CC0): 22 of its 256 entries as
@@ -77,11 +79,19 @@ def error_heatmap(generated, target, vmin=VMIN, vmax=VMAX):
     return viridis((err - vmin) / (vmax - vmin))
 
 
-def draw_landmarks(lm, size):
-    """The paper's landmark columns: 68 white dots on a dark canvas."""
-    canvas, xy = np.full((size, size, 3), 24, np.uint8), np.clip(np.round(lm).astype(int), 0, size - 1)
-    canvas[xy[:, 1], xy[:, 0]] = 255
-    return canvas
+def landmark_picture(lm, cfg):
+    """The landmark columns: uint8 (N,S,S,3) pictures of what G is given for (N,68,2) landmarks, with
+    the run's heatmap size, sigma and window."""
+    a = cfg["args"]
+    return data.to_uint8(data.heatmap_picture(torch.as_tensor(np.asarray(lm)), a["size"], a["sigma"], a["window"]))
+
+
+def label_strip(labels, cell, height=16):
+    """White, a black label centred over each of len(labels) panels cell pixels wide: uint8 (height,W,3)."""
+    im = Image.new("RGB", (cell * len(labels), height), "white")
+    for c, label in enumerate(labels):
+        ImageDraw.Draw(im).text((c * cell + cell / 2, 2), label[:cell // 6], fill="black", anchor="ma", font=FONT[11])
+    return np.asarray(im)
 
 
 def tile_figure(columns, labels, colorbar=None):
@@ -91,8 +101,8 @@ def tile_figure(columns, labels, colorbar=None):
     cell = size * max(1, 128 // size)
     im = Image.new("RGB", (cell * len(labels), 18 + cell * n + (34 if colorbar else 0)), "white")
     d = ImageDraw.Draw(im)
-    for c, (label, column) in enumerate(zip(labels, columns)):
-        d.text((c * cell + cell / 2, 2), label[:22], fill="black", anchor="ma", font=FONT[11])
+    im.paste(Image.fromarray(label_strip(labels, cell, 18)), (0, 0))
+    for c, column in enumerate(columns):
         for r, tile in enumerate(column):
             im.paste(Image.fromarray(tile).resize((cell, cell), Image.NEAREST), (c * cell, 18 + r * cell))
     if colorbar:
@@ -203,10 +213,14 @@ def flicker_ratio(G, cfg, video, n=FLICKER_FRAMES):
 
 def ssim(a, b):
     """SSIM of Wang et al. (2004): 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, L = 255,
-    'valid' borders, per colour channel, averaged. uint8 (N,S,S,3) pairs -> (N,) float."""
+    'valid' borders, per colour channel, averaged. uint8 (N,S,S,3) pairs -> (N,) float. The window is
+    separable, so filtering is K @ X @ K^T with K the banded (S-10, S) matrix of the 1-D Gaussian:
+    float64 matrix products, 15x faster on a CPU than a float64 2-D convolution."""
     x, y = (torch.as_tensor(np.asarray(im), dtype=torch.float64).permute(0, 3, 1, 2) for im in (a, b))
     g = torch.exp(-(torch.arange(11, dtype=torch.float64) - 5) ** 2 / (2 * 1.5 ** 2))
-    f = lambda z: torch.nn.functional.conv2d(z, (g[:, None] * g[None, :] / g.sum() ** 2).expand(3, 1, 11, 11), groups=3)
+    n = x.shape[-1] - 10
+    K = torch.stack([torch.nn.functional.pad(g / g.sum(), (i, n - 1 - i)) for i in range(n)])
+    f = lambda z: K @ z @ K.T
     mx, my = f(x), f(y)
     vx, vy, cxy = f(x * x) - mx ** 2, f(y * y) - my ** 2, f(x * y) - mx * my
     C1, C2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
@@ -241,86 +255,112 @@ def sign_flip_p(d, n=N_PERM, seed=SEED):
     return float((1 + np.sum(np.abs(flips @ d) >= abs(d.sum()) - 1e-9)) / (n + 1))
 
 
-def metrics(run_dirs, split=None, data_root=None, n_pairs=N_EVAL, seed=SEED, device="cpu"):
+def check_runs(run_dirs, data_root=None, split=None):
+    """Every run's checkpoint and test videos, read before any work: a mistyped last run fails at once,
+    not after the others are scored."""
+    for run_dir in run_dirs:
+        videos_of(data_root or networks.load_checkpoint(run_dir)["args"]["data"], split)
+
+
+def metrics(run_dirs, split=None, data_root=None, n_pairs=N_EVAL, seed=SEED, device="cpu", judge=0):
     """Score each run on the deterministic pairs of its dataset (its config's, unless `data`). Returns
     {"split", "n_pairs", "seed", "judge", "runs": {run_dir: {"data", "split", "pairs": {metric: [per
-    pair]}, "summary": {metric: [mean, low, high]}}}}, the interval a 95 % t-interval over pairs."""
+    pair]}, "summary": {metric: [mean, low, high]}}}}, the interval a 95 % t-interval over pairs.
+    judge: how many of the pairs dlib's face judge scores (~0.3 s a pair, so none unless asked)."""
+    check_runs(run_dirs, data_root, split)
     out, t0 = {"n_pairs": n_pairs, "seed": seed, "runs": {}}, time.time()
     for i, run_dir in enumerate(run_dirs):
-        say = lambda what: print(f"\rmetrics {i + 1}/{len(run_dirs)} {run_dir}: {what}".ljust(78), end="", flush=True)
-        say("same-video pairs")
+        tag = f"metrics {i + 1}/{len(run_dirs)}"
         G, cfg = networks.load_generator(run_dir, device)
         root = data_root or cfg["args"]["data"]
         out["split"], videos = videos_of(root, split)
         src, src_lm, tgt, tgt_lm = gather(videos, n_pairs, seed)
-        gen = networks.generate(G, cfg, src, tgt_lm)
-        judged = landmarks.judge_scores(gen, src, src_lm, tgt_lm)
-        out["judge"] = "dlib" if judged else "skipped (dlib / face_recognition_models not installed)"
+        gen = networks.generate(G, cfg, src, tgt_lm, label=f"{tag} same-video pairs:")
+        judged = judge and landmarks.judge_scores(*(x[:judge] for x in (gen, src, src_lm, tgt_lm)), label=f"{tag} judge:")
+        out["judge"] = (f"dlib, on the first {min(judge, n_pairs)} pairs" if judged else
+                        "skipped (dlib / face_recognition_models not installed)" if judge else "off (--judge N)")
         pairs = {**scores(gen, tgt), **(judged or {})}
         if len(videos) > 1 and all(v["params"] for v in videos):  # the synthetic set: cross-identity
-            say("cross-identity pairs (rendering the truth)")
-            t = synthetic.cross_targets(root, out["split"], videos, n_pairs, seed)
-            x_gen = networks.generate(G, cfg, t["src"], t["lm"])
+            t = synthetic.cross_targets(root, out["split"], videos, n_pairs, seed, label=f"{tag} rendering the truth:")
+            x_gen = networks.generate(G, cfg, t["src"], t["lm"], label=f"{tag} cross-identity pairs:")
             pairs.update(scores(x_gen, t["img"], "x_"))
             # the paper's setting: the driver's own landmarks (B's face shape), against the same truth
-            pairs.update(scores(networks.generate(G, cfg, t["src"], t["drv_lm"]), t["img"], "xabs_"))
+            xabs = networks.generate(G, cfg, t["src"], t["drv_lm"], label=f"{tag} cross, driver's landmarks:")
+            pairs.update(scores(xabs, t["img"], "xabs_"))
             pairs.update({"leak_" + k: [synthetic.leak_score(x_gen[j], t["img"][j], worn) for j, worn in items]
                           for k, items in t["leak"].items() if items})
-        say("flicker")
-        pairs["flicker"] = [flicker_ratio(G, cfg, v) for v in videos[:FLICKER_VIDEOS]]
+        pairs["flicker"], t1 = [], time.time()
+        for k, v in enumerate(videos[:FLICKER_VIDEOS]):
+            pairs["flicker"].append(flicker_ratio(G, cfg, v))
+            progress(f"{tag} flicker:", k + 1, len(videos[:FLICKER_VIDEOS]), t1, unit="videos")
         # nan = a leak pair whose attribute left no mask: the same pairs for every run, still paired
         pairs = {k: [float(x) for x in v if np.isfinite(x)] for k, v in pairs.items()}
         out["runs"][run_dir] = {"data": root, "split": out["split"], "pairs": pairs,
                                 "summary": {k: mean_ci(v) for k, v in pairs.items()}}
-        print("\r", end="")
-        progress("metrics", i + 1, len(run_dirs), t0, unit="runs")
+        left = (time.time() - t0) / (i + 1) * (len(run_dirs) - i - 1)
+        print(f"{tag} {run_dir} scored, {data.clock(time.time() - t0)} so far" +
+              (f"; ETA {data.clock(left)} for the other {len(run_dirs) - i - 1}" if left else ""), flush=True)
     return out
 
 
 # ----------------------------------------------------------------------------- figures
+# Every figure with faces, the sample grids and reenact's video: these columns, in this order.
+COLUMNS = ("source", "target landmarks", "generated", "target")
+
+
 def generated_pairs(run_dirs, split, data_root, n, seed, device):
-    """The first n evaluation pairs of the runs' (one) dataset as image columns: source, its landmarks
-    drawn, target, its landmarks drawn, and the list of each run's generated images."""
+    """The first n evaluation pairs of the runs' (one) dataset as image columns: source, the target
+    landmarks as the first run's G is given them, target, and the list of each run's generated images."""
     runs = [networks.load_generator(r, device) for r in run_dirs]
     roots = {data_root or cfg["args"]["data"] for _, cfg in runs}
     if len(roots) > 1:  # a figure's rows are shared, so the runs must be
         raise DataError(f"runs use different datasets ({', '.join(sorted(roots))}); pick one with --data")
-    src, src_lm, tgt, tgt_lm = gather(videos_of(roots.pop(), split)[1], n, seed)
-    dots = lambda lms: np.stack([draw_landmarks(lm, src.shape[1]) for lm in lms])
-    return src, dots(src_lm), tgt, dots(tgt_lm), [networks.generate(G, cfg, src, tgt_lm) for G, cfg in runs]
+    src, _, tgt, tgt_lm = gather(videos_of(roots.pop(), split)[1], n, seed)
+    gens = [networks.generate(G, cfg, src, tgt_lm) for G, cfg in runs]
+    return src, landmark_picture(tgt_lm, runs[0][1]), tgt, gens
 
 
-def sample_grid(path, b, fake, size, sigma, window, n=4):
-    """Rows of (source, target landmarks, generated, target): what G saw and what it drew. The
-    landmarks are drawn with the run's sigma and window, as G was given them."""
-    n = min(n, len(fake))
-    lm = data.heatmap_picture(b["lm_t"][:n], size, sigma, window)
-    cols = [b["I_s"][:n], lm, fake[:n].float(), b["I_t"][:n]]
-    rows = [np.concatenate(list(data.to_uint8(c[i:i + 1])[0] for c in cols), axis=1) for i in range(n)]
-    write_png(path, np.concatenate(rows, axis=0))  # whole or not at all
+def sample_pairs(args, device, n=4):
+    """The sample grids' pairs, fixed for a run: the first n of metrics' pairs on the run's first test
+    split (train when it has none), so that every step's grid shows the same held-out faces."""
+    try:
+        split, videos = videos_of(args["data"])
+    except DataError:
+        split, videos = "train", data.load_videos(args["data"], "train")
+    src, _, tgt, lm = gather(videos, n)
+    return {"split": split, "src": src, "tgt": tgt, "I_s": data.to_tensor(src).to(device),
+            "lm_t": torch.as_tensor(lm, device=device)}
+
+
+@torch.no_grad()
+def sample_grid(G, pairs, args, path, step):
+    """samples/step_NNNNNN.png: the fixed pairs as COLUMNS, G's drawing at this step."""
+    hm = args["size"], args["sigma"], args["window"]
+    fake = data.to_uint8(G(pairs["I_s"], data.heatmaps(pairs["lm_t"], *hm)))
+    head = [f"source ({pairs['split']})", COLUMNS[1], f"generated, step {step}", COLUMNS[3]]
+    return write_png(path, tile_figure([pairs["src"], landmark_picture(pairs["lm_t"].cpu(), {"args": args}),
+                                        fake, pairs["tgt"]], head))
 
 
 def heatmap_figure(run_dirs, out, split=None, data_root=None, n=N_FIGURE, seed=SEED, device="cpu",
                    vmin=VMIN, vmax=VMAX):
-    """Appendix B, a row per pair: source landmarks, source, target landmarks, target, each run's
-    generated image, each run's error heatmap; also each heatmap alone in out/heatmaps/."""
-    src, src_dots, tgt, tgt_dots, gens = generated_pairs(run_dirs, split, data_root, n, seed, device)
+    """Appendix B, a row per pair: COLUMNS with each run's generated image, then each run's error
+    heatmap; also each heatmap alone in out/heatmaps/."""
+    src, lm, tgt, gens = generated_pairs(run_dirs, split, data_root, n, seed, device)
     heats, names = [error_heatmap(g, tgt, vmin, vmax) for g in gens], labels(run_dirs)
     for name, h in zip(names, heats):
         for i, img in enumerate(h):
             write_png(os.path.join(out, "heatmaps", f"{name}_pair{i}.png"), img)
-    head = ["source landmarks", "source", "target landmarks", "target"]
-    head += [f"{r}: generated" for r in names] + [f"{r}: error" for r in names]
-    return write_png(os.path.join(out, "heatmaps.png"), tile_figure([src_dots, src, tgt_dots, tgt, *gens, *heats],
-                                                                    head, (vmin, vmax)))
+    head = [*COLUMNS[:2], *(f"{r}: generated" for r in names), COLUMNS[3], *(f"{r}: error" for r in names)]
+    return write_png(os.path.join(out, "heatmaps.png"), tile_figure([src, lm, *gens, tgt, *heats], head, (vmin, vmax)))
 
 
 def grid_figures(run_dirs, out, split=None, data_root=None, n=N_FIGURE, seed=SEED, device="cpu"):
-    """Fig. 1, a PNG per run: source, source landmarks, generated, target, target landmarks."""
-    paths, head = [], ["source", "source landmarks", "generated", "target", "target landmarks"]
+    """Fig. 1, a PNG per run: COLUMNS."""
+    paths = []
     for run_dir, name in zip(run_dirs, labels(run_dirs)):
-        src, src_dots, tgt, tgt_dots, (gen,) = generated_pairs([run_dir], split, data_root, n, seed, device)
-        figure = tile_figure([src, src_dots, gen, tgt, tgt_dots], head)
+        src, lm, tgt, (gen,) = generated_pairs([run_dir], split, data_root, n, seed, device)
+        figure = tile_figure([src, lm, gen, tgt], COLUMNS)
         paths.append(write_png(os.path.join(out, f"grid_{name}.png"), figure))
     return paths
 
@@ -390,8 +430,8 @@ def table(head, rows):
 
 
 def save_metrics(m, out):
-    """metrics.json (everything, per-pair scores included), metrics.csv (a row per run and metric)
-    and the returned Markdown table: a row per run, "mean [95 % CI over pairs]" per metric."""
+    """metrics.json (everything, per-pair scores included), metrics.csv (a row per run and metric) and
+    metrics.md: a row per run, "mean [95 % CI over pairs]" per metric. Returns that Markdown table."""
     runs = list(zip(labels(list(m["runs"])), m["runs"].values()))
     keys = list(dict.fromkeys(k for _, r in runs for k in r["summary"]))
     with data.writing(os.path.join(out, "metrics.json")) as tmp, open(tmp, "w") as f:
@@ -399,8 +439,36 @@ def save_metrics(m, out):
     with data.writing(os.path.join(out, "metrics.csv")) as tmp, open(tmp, "w", newline="") as f:
         csv.writer(f).writerows([["run", "metric", "mean", "ci_low", "ci_high", "n"]] + [
             [name, k, *v, len(r["pairs"][k])] for name, r in runs for k, v in r["summary"].items()])
-    return table(["run"] + keys, [[name] + [fmt(r["summary"][k]) if k in r["summary"] else "-" for k in keys]
-                                  for name, r in runs])
+    md = table(["run"] + keys, [[name] + [fmt(r["summary"][k]) if k in r["summary"] else "-" for k in keys]
+                                for name, r in runs])
+    with data.writing(os.path.join(out, "metrics.md")) as tmp, open(tmp, "w") as f:
+        f.write(f"Split `{m['split']}`, {m['n_pairs']} pairs (seed {m['seed']}); judge: {m['judge']}. "
+                f"Mean [95 % t-interval over pairs].\n\n{md}\n")
+    return md
+
+
+# The terminal's table: the metrics a reader looks at first, as many as fit in WIDTH columns.
+FIRST = ("L1", "PSNR", "SSIM", "x_L1", "x_PSNR", "x_SSIM", "flicker", "lm_err", "id_dist")
+WIDTH = 100
+
+
+def short_table(m, width=WIDTH):
+    """Mean ± half the 95 % interval per run and metric, plain text within `width` columns: FIRST's
+    metrics first, then the others while they fit. Returns (text, the metrics left out)."""
+    runs = list(zip(labels(list(m["runs"])), m["runs"].values()))
+    keys = list(dict.fromkeys(k for _, r in runs for k in r["summary"]))
+    keys = sorted(keys, key=lambda k: FIRST.index(k) if k in FIRST else len(FIRST))
+    cell = lambda s: f"{s[0]:.3g}" + (f"±{(s[2] - s[1]) / 2:.2g}" if math.isfinite(s[1]) else "")
+    cols = [["run"] + [n[-30:] for n, _ in runs]]
+    for k in keys:
+        col = [k] + [cell(r["summary"][k]) if k in r["summary"] else "-" for _, r in runs]
+        if sum(max(map(len, c)) + 2 for c in cols + [col]) > width:
+            break
+        cols.append(col)
+    w = [max(map(len, c)) for c in cols]
+    rows = [("  ".join(c[i].ljust(w[j]) if j == 0 else c[i].rjust(w[j]) for j, c in enumerate(cols))).rstrip()
+            for i in range(len(cols[0]))]
+    return "\n".join(rows[:1] + ["-" * len(rows[0])] + rows[1:]), keys[len(cols) - 1:]
 
 
 def write_report(groups, out_dir, split=None, data_root=None, n_pairs=N_EVAL, seed=SEED, device="cpu"):
@@ -447,22 +515,40 @@ def write_report(groups, out_dir, split=None, data_root=None, n_pairs=N_EVAL, se
     return os.path.join(out_dir, "REPORT.md")
 
 
+def latest_run(root="runs"):
+    """--runs left out: the run under root whose checkpoint was written last, said aloud."""
+    found = glob.glob(os.path.join(root, "**", "ckpt.pt"), recursive=True)
+    if not found:
+        raise DataError(f"no trained run under {root}/ yet: train one first (python facesynth.py train "
+                        f"--steps 200 --out {root}/short), or name runs with --runs")
+    run = os.path.dirname(max(found, key=os.path.getmtime))
+    print(f"--runs not given: the most recent run, {run}")
+    return [run]
+
+
 def main(argv=None):
     p = data.ArgParser(description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for cmd, about in (("heatmaps", "Appendix B: error heatmaps of each run on the same pairs"),
-                       ("grid", "Fig. 1 per run: source, landmarks, generated, target"),
-                       ("losses", "Fig. 3 (loss terms at the end) and Fig. 4 (loss curves)"),
-                       ("metrics", "L1 / PSNR / SSIM (+ cross-identity, leak) with confidence intervals")):
+    for cmd, about in (("heatmaps", "Appendix B: each run's |generated - target| on the same held-out pairs"),
+                       ("grid", "Fig. 1 per run: source, target landmarks (as G gets them), generated, target"),
+                       ("losses", "Fig. 3 (each weighted loss term at the end) and Fig. 4 (over training), from log.csv"),
+                       ("metrics", "L1 / PSNR / SSIM on held-out pairs with 95 % intervals (the synthetic set adds "
+                                   "cross-identity scores against rendered truth and identity leak), and flicker; a "
+                                   "short table, the full one in OUT/metrics.md (.csv, .json)")):
         s = sub.add_parser(cmd, help=about, description=about)
-        s.add_argument("--runs", nargs="+", default=[os.path.join("runs", "default")], help="run folders (runs/NAME)")
+        s.add_argument("--runs", nargs="+", help="run folders (default: the run under runs/ trained last)")
         s.add_argument("--out", default="eval", help="output folder")
         if cmd != "losses":
             s.add_argument("--data", help="prepared dataset (default: each run's own, from its config)")
-            s.add_argument("--split", help="default: the first test split that has videos")
-            s.add_argument("--n", type=data.number(), default=N_EVAL if cmd == "metrics" else N_FIGURE, help="pairs")
+            s.add_argument("--split", help="split to draw pairs from (default: the first test split with videos)")
+            s.add_argument("--n", type=data.number(), default=N_EVAL if cmd == "metrics" else N_FIGURE,
+                           help="held-out source/target pairs")
             s.add_argument("--seed", type=data.number(int, 0), default=SEED, help="pair-sampling seed")
             s.add_argument("--device", default="cpu", help="cpu or cuda")
+        if cmd == "metrics":
+            s.add_argument("--judge", type=data.number(int, 0), nargs="?", const=N_EVAL, default=0, metavar="N",
+                           help="also score the first N pairs (all without N) with dlib's face judge: "
+                                "landmark error and identity distance, ~0.3 s a pair (needs the optional extra)")
         if cmd == "heatmaps":
             s.add_argument("--vmin", type=float, default=VMIN, help="error drawn dark blue (0-255)")
             s.add_argument("--vmax", type=float, default=VMAX, help="error drawn yellow, and above")
@@ -472,12 +558,16 @@ def main(argv=None):
         data.writable(a.out, folder=True)  # before any computing
         if a.cmd == "heatmaps" and not a.vmin < a.vmax:
             raise DataError(f"--vmin {a.vmin:g} --vmax {a.vmax:g}: the colour scale needs vmin < vmax")
+        a.runs = a.runs or latest_run()
         if a.cmd == "losses":
             paths = loss_figures(a.runs, a.out)
         elif a.cmd == "metrics":
-            m = metrics(a.runs, a.split, a.data, a.n, a.seed, device)
-            print(save_metrics(m, a.out) + f"\n\n95 % t-intervals over {a.n} pairs; judge: {m['judge']}")
-            paths = [os.path.join(a.out, f) for f in ("metrics.csv", "metrics.json")]
+            m = metrics(a.runs, a.split, a.data, a.n, a.seed, device, a.judge)
+            save_metrics(m, a.out)
+            text, rest = short_table(m)
+            print(f"\n{text}\n\nmean ± half the 95 % t-interval over {a.n} pairs; judge: {m['judge']}"
+                  + (f"; also in {a.out}/metrics.md: {', '.join(rest)}" if rest else ""))
+            paths = [os.path.join(a.out, f) for f in ("metrics.md", "metrics.csv", "metrics.json")]
         else:
             paths = ([heatmap_figure(a.runs, a.out, a.split, a.data, a.n, a.seed, device, a.vmin, a.vmax)]
                      if a.cmd == "heatmaps" else grid_figures(a.runs, a.out, a.split, a.data, a.n, a.seed, device))

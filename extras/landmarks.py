@@ -158,7 +158,7 @@ def video_detector():
     return detect_video
 
 
-def judge_scores(gen, src, src_lm, tgt_lm, k=4):
+def judge_scores(gen, src, src_lm, tgt_lm, k=4, label=None):
     """The optional real-data judge, dlib (pip install dlib-bin face-recognition-models), or None when
     it is not installed. lm_err: mean distance of dlib's 68 points on the generated face to the target
     landmarks over the outer eye corners' distance (36-45); id_dist: descriptor distance generated vs
@@ -173,9 +173,11 @@ def judge_scores(gen, src, src_lm, tgt_lm, k=4):
     up = lambda im: np.ascontiguousarray(Image.fromarray(im).resize((im.shape[1] * k,) * 2, Image.BICUBIC))
     box = lambda lm: dlib.rectangle(*(int(v) for v in np.r_[lm.min(0), lm.max(0) + 1] * k))
     desc = lambda im, lm: np.array(descriptor.compute_face_descriptor(im, predictor(im, box(lm))))
-    out = {"lm_err": [], "id_dist": []}
+    out, t0 = {"lm_err": [], "id_dist": []}, time.time()
     for g, s, ls, lt in zip(map(up, gen), map(up, src), src_lm, tgt_lm):
         pts = (np.array([(p.x, p.y) for p in predictor(g, box(lt)).parts()]) + 0.5) / k - 0.5
         out["lm_err"].append(np.linalg.norm(pts - lt, axis=1).mean() / np.linalg.norm(lt[36] - lt[45]))
         out["id_dist"].append(np.linalg.norm(desc(g, lt) - desc(s, ls)))
+        if label:
+            progress(label, len(out["id_dist"]), len(gen), t0, unit="pairs")
     return out

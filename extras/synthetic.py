@@ -19,7 +19,7 @@ import imageio
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data import (CROP_SCALE, MIRROR, N_LANDMARKS, DataError, WriteError, crop_face, pool_map, progress,
+from data import (CROP_SCALE, MIRROR, N_LANDMARKS, DataError, WriteError, crop_face, number, pool_map, progress,
                   save_prepared, why_not, write_json)
 
 SYNTH_VIDEOS = (50, 31, 19, 14)  # train/test1/test2/test3, the sizes of 300VW's split
@@ -355,11 +355,13 @@ def render_crop(identity, frame, prep):
 _TARGETS = {}
 
 
-def cross_targets(root, split, videos, n, seed=0):
+def cross_targets(root, split, videos, n, seed=0, label=None):
     """Ground truth nobody can film: for n (A, s, B, j), A != B, identity A rendered with B's frame-j
     pose and expression. Its landmarks (B's pose/expression on A's face shape) are the condition, its
-    image the target; where B wears a LEAK_ATTRS attribute that A lacks, A is also rendered with it."""
+    image the target; where B wears a LEAK_ATTRS attribute that A lacks, A is also rendered with it.
+    With a label, a progress line (renders are cached: only the first run of a dataset waits)."""
     if (root, split, n, seed) not in _TARGETS:
+        t0 = time.time()
         with open(os.path.join(root, "prepare.json")) as f:
             prep = json.load(f)
         rng = np.random.default_rng([seed, 1])  # a stream of its own: the same-video pairs stay put
@@ -374,6 +376,8 @@ def cross_targets(root, split, videos, n, seed=0):
             for k in LEAK_ATTRS:
                 if B.get(k) and not A.get(k):
                     t["leak"][k].append((i, render_crop({**A, k: B[k]}, fb, prep)[0]))
+            if label and (i % 10 == 9 or i == n - 1):
+                progress(label, i + 1, n, t0, unit="pairs")
         _TARGETS[root, split, n, seed] = {k: v if k in ("pairs", "leak") else np.stack(v) for k, v in t.items()}
     return _TARGETS[root, split, n, seed]
 
@@ -386,3 +390,14 @@ def leak_score(gen, bare, worn):
     d = lambda x, y: np.abs(x.astype(np.float64) - y.astype(np.float64)).mean(-1)
     mask = d(bare, worn) > LEAK_LEVELS
     return float((d(gen, worn) < d(gen, bare))[mask].mean()) if mask.any() else math.nan
+
+
+def add_options(p):
+    """`facesynth.py synth`'s options."""
+    p.add_argument("out", help="folder for the videos: NNN/vid.avi, NNN/annot/*.pts, NNN/params.json")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="the identities and their motion follow from it")
+    p.add_argument("--videos", type=number(int, 0), nargs=4, default=list(SYNTH_VIDEOS),
+                   metavar=("TRAIN", "T1", "T2", "T3"), help="videos per split (300VW's sizes)")
+    p.add_argument("--frames", type=number(int, 3), default=SYNTH_FRAMES, help="frames per video")
+    p.add_argument("--size", type=number(int, 16), default=SYNTH_SIZE, help="frame size in pixels (even)")
+    p.add_argument("--workers", type=number(), default=2, help="processes")
