@@ -45,6 +45,10 @@ NGF, N_DOWN, NDF = 64, 4, 32
 BATCH_MAX, WIDTH_MAX = 16384, 1024  # memory runs out long before: a one-line error, not an allocator's
 LOG_EVERY, SAMPLE_EVERY, CKPT_EVERY = 50, 500, 500
 LINE_EVERY = 30  # seconds: a progress line at least this often, so a slow run is never silent
+TRAIN_ABOUT = """Train G and D on triplets of frames with the paper's six-term loss, on the built-in synthetic set
+unless --data. A first run: --steps 200 --out runs/short. OUT gets log.csv (a row at step 1, every
+--log-every steps and where the run stops), samples/step_N.png (the same held-out faces each time),
+config.json and ckpt.pt. Ctrl-C saves and stops; --resume OUT goes on from there."""
 CACHE = extras.synthetic.SYNTH_CACHE
 # what --resume may change: the schedule (sticks from then on), and this session's own settings
 SCHEDULE = {"steps", "epochs", "out"}
@@ -160,7 +164,9 @@ def build_models(args, device, ckpt, log):
     the norms cost more than channels_last saves in the convolutions (docs/speed.md)."""
     G = networks.build_generator(args).to(device)
     D = networks.Discriminator(ndf=args["ndf"]).to(device)
-    vgg, vgg_source = networks.load_vgg(losses.VGG_LAYERS, path=args["vgg"], log=log,
+    again = ckpt and ckpt.get("vgg") == "random"  # the run's loss keeps its features, and its notice is said
+    vgg, vgg_source = networks.load_vgg(losses.VGG_LAYERS, path="random" if again else args["vgg"],
+                                        log=(lambda *a: None) if again else log,
                                         widths=args["vgg_widths"] or networks.VGG_WIDTHS)
     opt_G = torch.optim.Adam(G.parameters(), lr=args["lr_g"], betas=BETAS)
     opt_D = torch.optim.Adam(D.parameters(), lr=args["lr_d"], betas=BETAS)
@@ -206,14 +212,6 @@ def log_row(path, step, per_epoch, seconds, rate, vals, args):
     row += [f"{vals['G']:.5g}", f"{vals['D']:.5g}", args["lr_g"], args["lr_d"]]
     with open(path, "a", newline="") as f:
         csv.writer(f).writerow(row)
-
-
-def save_sample(G, b, args, out, step):
-    """samples/step_NNNNNN.png: the batch's first sources, the target landmarks G got, G's drawing, the targets."""
-    with torch.no_grad():
-        fake = G(b["I_s"][:4], data.heatmaps(b["lm_t"][:4], args["size"], args["sigma"], args["window"]))
-    evaluate.sample_grid(os.path.join(out, "samples", f"step_{step:06d}.png"), b, fake, args["size"],
-                         args["sigma"], args["window"])
 
 
 def ranks_agree(G, D, world, device, log):
@@ -262,6 +260,7 @@ def train_run(args, run, ckpt):
               "params_D": networks.count_params(D), "world_size": world, "device": str(device)}
     if main_rank:
         start_outputs(out, config, start)
+        pairs = evaluate.sample_pairs(args, device)
     log(f"G {config['params_G'] / 1e6:.2f}M params, D {config['params_D'] / 1e6:.3f}M params, VGG: {vgg_source}; "
         f"{len(videos)} train videos, {total} steps of {B} triplets ({per_epoch} steps/epoch) on {device}"
         + (f" x{world}" if world > 1 else "") + f", from step {start}")
@@ -275,7 +274,7 @@ def train_run(args, run, ckpt):
     stop, previous = networks.on_stop_signals(log)
     try:
         for step, b in data.batches(videos, args, start, total, rank, world, device):
-            measure = (step + 1) % args["log_every"] == 0 or step + 1 == total
+            measure = (step + 1) % args["log_every"] == 0 or step + 1 == total or step == 0  # a log row
             terms = train_step(G_run, D_run, vgg_run, opt_G, opt_D, b, lam, measure, hm, amp=device.type == "cuda")
             bad |= ~torch.isfinite(terms["G"] + terms["D"])
             done, now, stopping = step + 1, time.time(), bool(stop)  # one reading: a signal may come any time
@@ -290,10 +289,11 @@ def train_run(args, run, ckpt):
                     log_row(log_path, done, per_epoch, elapsed + now - t0, rate, vals, args)
                 eta = (total - done) * B / max(rate, 1e-9)
                 print(f"step {done}/{total} epoch {done / per_epoch:.2f} {rate:.1f} triplets/s "
-                      f"ETA {eta // 60:.0f}m{eta % 60:02.0f}s | " +
+                      f"ETA {data.clock(eta)} | " +
                       " ".join(f"{t} {vals[t]:.4f}" for t in TERMS if t in vals) + f" | D {vals['D']:.4f}", flush=True)
-            if main_rank and (done == start + 1 or done % args["sample_every"] == 0 or done == total):
-                save_sample(G, b, args, out, done)  # the first one early: a glance that G draws faces at all
+            if main_rank and (done == start + 1 or done % args["sample_every"] == 0 or done == total or stopping):
+                # the first one early: a glance that G draws faces at all
+                evaluate.sample_grid(G, pairs, args, os.path.join(out, "samples", f"step_{done:06d}.png"), done)
             if save:
                 if main_rank:  # a checkpoint is a plain dict: weights, optimiser states, the run's options
                     networks.save_checkpoint(ckpt_path, {
@@ -390,11 +390,11 @@ def add_train_options(p):
     p.add_argument("--out", default=os.path.join("runs", "default"), help="run folder")
     p.add_argument("--resume", help="run folder or checkpoint to continue from")
     p.add_argument("--batch-size", type=batch, default=BATCH_SIZE, help="triplets per step (per process)")
-    p.add_argument("--epochs", type=pos, default=EPOCHS)
-    p.add_argument("--triplets-per-epoch", type=pos, default=TRIPLETS_PER_EPOCH)
+    p.add_argument("--epochs", type=pos, default=EPOCHS, help="passes of --triplets-per-epoch triplets (paper: 6)")
+    p.add_argument("--triplets-per-epoch", type=pos, default=TRIPLETS_PER_EPOCH, help="(paper: 9.5k)")
     p.add_argument("--steps", type=pos, help="total steps, instead of --epochs (a short run: --steps 200)")
-    p.add_argument("--lr-g", type=above0, default=LR_G)
-    p.add_argument("--lr-d", type=above0, default=LR_D)
+    p.add_argument("--lr-g", type=above0, default=LR_G, help="G's Adam learning rate (paper: 2e-4)")
+    p.add_argument("--lr-d", type=above0, default=LR_D, help="D's Adam learning rate (paper: 5e-5)")
     p.add_argument("--ngf", type=width, default=NGF, help="G width (pix2pix: 64)")
     p.add_argument("--n-down", type=depth, default=N_DOWN, help="G down-sampling blocks (paper: 4)")
     p.add_argument("--ndf", type=width, default=NDF, help="D width (paper: 32)")
@@ -410,7 +410,7 @@ def add_train_options(p):
                    help="narrower VGG block widths for smoke tests (random features only, no --vgg)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     add_compile_option(p)
-    p.add_argument("--seed", type=nonneg, default=0)
+    p.add_argument("--seed", type=nonneg, default=0, help="seeds the weights, the triplets and the flips")
     p.add_argument("--log-every", type=pos, default=LOG_EVERY, help="steps between log.csv rows")
     p.add_argument("--sample-every", type=pos, default=SAMPLE_EVERY, help="steps between sample grids")
     p.add_argument("--ckpt-every", type=pos, default=CKPT_EVERY, help="steps between checkpoints")
@@ -435,43 +435,45 @@ def main(argv=None):
     pos = data.number()
     parser = data.ArgParser(description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
-    p_train = sub.add_parser("train", help="train G and D (the paper's run)", description=train.__doc__)
+    p_train = sub.add_parser("train", help="train G and D (the paper's run)", description=TRAIN_ABOUT)
     add_train_options(p_train)
-    p = sub.add_parser("prepare", help="a 300VW-layout folder or a folder of videos -> a prepared dataset")
-    p.add_argument("src"), p.add_argument("out")
+    about = "a 300VW-layout folder or a folder of videos -> a prepared dataset (train on it with --data OUT)"
+    p = sub.add_parser("prepare", help=about, description=about)
+    p.add_argument("src", help="300VW layout (NNN/vid.avi, NNN/annot/*.pts), or video files (landmarks detected)")
+    p.add_argument("out", help="the prepared dataset to write (an interrupted run picks up where it stopped)")
     p.add_argument("--size", type=data.number(int, 16), default=64, help="crop side in pixels")
     p.add_argument("--crop-scale", type=data.number(float, 0, above=True), default=data.CROP_SCALE, help="crop side / landmark box side")
     p.add_argument("--split-file", help="JSON {split: [video names]} instead of the official 300VW split "
                    "(plain videos: instead of holding out the last 20 %% by name as test1)")
-    p.add_argument("--workers", type=pos, default=2)
-    p = sub.add_parser("synth", help="write the synthetic talking-head videos in 300VW layout")
-    p.add_argument("out")
-    p.add_argument("--seed", type=data.number(int, 0), default=0)
-    p.add_argument("--videos", type=data.number(int, 0), nargs=4, default=list(extras.synthetic.SYNTH_VIDEOS),
-                   metavar=("TRAIN", "T1", "T2", "T3"))
-    p.add_argument("--frames", type=data.number(int, 3), default=extras.synthetic.SYNTH_FRAMES, help="frames per video")
-    p.add_argument("--size", type=data.number(int, 16), default=extras.synthetic.SYNTH_SIZE, help="frame size in pixels (even)")
-    p.add_argument("--workers", type=pos, default=2)
-    p = sub.add_parser("ablation", help="the paper's loss ablations over seeds, then REPORT.md")
+    p.add_argument("--workers", type=pos, default=2, help="processes")
+    about = "write the synthetic talking-head videos in 300VW layout (train's default set needs no synth)"
+    extras.synthetic.add_options(sub.add_parser("synth", help=about, description=about))
+    about = ("the paper's loss ablations (full, no_pix, no_consistency, no_feature) over --seeds seeds into "
+             "OUT/NAME/seedK, then OUT/REPORT.md; a re-run skips finished runs and resumes cut ones")
+    p = sub.add_parser("ablation", help="the paper's loss ablations over seeds, then REPORT.md", description=about)
     add_train_options(p)
     p.set_defaults(out=os.path.join("runs", "ablation"))
-    p.add_argument("--seeds", type=pos, default=3)
+    p.add_argument("--seeds", type=pos, default=3, help="runs per ablation, seeds 0 .. N-1")
     p.add_argument("--single", action="store_true", help="also the six single-term ablations")
     p.add_argument("--split", help="test split to evaluate (default: the first with videos)")
-    p = sub.add_parser("bench", help="time full training steps against the device's matmul peak")
+    about = "time full training steps against the device's matmul peak, and predict the whole run's time"
+    p = sub.add_parser("bench", help=about, description=about)
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--batch-size", type=data.number(high=BATCH_MAX), default=BATCH_SIZE)
+    p.add_argument("--batch-size", type=data.number(high=BATCH_MAX), default=BATCH_SIZE,
+                   help="triplets per step, as in train")
     p.add_argument("--steps", type=pos, default=10, help="timed steps")
-    p.add_argument("--warmup", type=data.number(int, 0), default=2)
+    p.add_argument("--warmup", type=data.number(int, 0), default=2, help="untimed steps first (allocation, caches)")
     p.add_argument("--size", type=data.number(int, 16), default=64, help="image size of random batches (a dataset has its own)")
-    p.add_argument("--ngf", type=data.number(high=WIDTH_MAX), default=NGF)
-    p.add_argument("--n-down", type=data.number(high=8), default=N_DOWN)
-    p.add_argument("--ndf", type=data.number(high=WIDTH_MAX), default=NDF)
+    p.add_argument("--ngf", type=data.number(high=WIDTH_MAX), default=NGF, help="as in train")
+    p.add_argument("--n-down", type=data.number(high=8), default=N_DOWN, help="as in train")
+    p.add_argument("--ndf", type=data.number(high=WIDTH_MAX), default=NDF, help="as in train")
     p.add_argument("--vgg-widths", type=pos, nargs=5, metavar="C", help="narrower VGG block widths for smoke tests")
     add_compile_option(p)
     p.add_argument("--data", help="prepared dataset to draw the batch from (default: the built-in synthetic set "
                    "if built, else random tensors; a dataset sets the image size)")
-    extras.reenact.add_options(sub.add_parser("reenact", help="drive a face with another video's landmarks"))
+    about = "drive a face with another video's landmarks: a video of source | driver landmarks | generated | driver"
+    extras.reenact.add_options(sub.add_parser("reenact", help="drive a face with another video's landmarks",
+                                              description=about))
     args = parser.parse_args(argv)
     a = vars(args)
     verb = a.pop("verb")

@@ -236,18 +236,18 @@ class VGG19(nn.Module):
         self.load_state_dict(own)
 
 
-RANDOM_WARNING = "\n".join(["", "!" * 78, "!! WARNING: no VGG-19 weights; {why}",
-                            "!! L_pp and L_id will use RANDOMLY INITIALISED VGG features: they still",
-                            "!! compare images, but not as an ImageNet-trained network sees them.",
-                            "!! Fix: put " + VGG_FILE + " at {path} or pass --vgg PATH.", "!" * 78, ""])
+# Two lines, once per run (a resumed run keeps its features quietly): the run trains either way.
+RANDOM_WARNING = ("note: no VGG-19 weights ({why}): L_pp and L_id use random VGG features.\n"
+                  "      Training works; results differ from the paper's. Put " + VGG_FILE
+                  + " in {where}/ or pass --vgg PATH.")
 
 
 def load_vgg(layers, path=None, log=print, widths=VGG_WIDTHS):
     """VGG-19 weights from, in order: `path`, torch's hub cache, a download; else random features.
     Returns (vgg, source) with source the file used or "random"."""
     vgg = VGG19(layers, widths)
-    if path == "random":  # asked for: no lookup, no download attempt, but the same loud warning
-        log(RANDOM_WARNING.format(why="--vgg random was given", path=os.path.join(torch.hub.get_dir(), "checkpoints", VGG_FILE)))
+    if path == "random":  # asked for: no lookup, no download attempt, but the same notice
+        log(RANDOM_WARNING.format(why="--vgg random", where=os.path.join(torch.hub.get_dir(), "checkpoints")))
         return vgg, "random"
     if path is None:
         path = os.path.join(torch.hub.get_dir(), "checkpoints", VGG_FILE)
@@ -255,7 +255,7 @@ def load_vgg(layers, path=None, log=print, widths=VGG_WIDTHS):
             try:
                 _download(VGG_URL, path, log)
             except (OSError, http.client.HTTPException) as e:  # offline, refused, cut off
-                log(RANDOM_WARNING.format(why=f"downloading {VGG_URL} failed: {e}", path=path))
+                log(RANDOM_WARNING.format(why=f"download failed: {e}", where=os.path.dirname(path)))
                 return vgg, "random"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -924,7 +924,7 @@ def test_vgg_random_when_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(networks, "VGG_URL", "http://127.0.0.1:9/vgg19.pth")  # refused at once
     logged = []
     vgg, source = networks.load_vgg(["relu1_2"], log=logged.append, widths=WIDTHS)
-    assert source == "random" and "WARNING" in logged[-1] and "RANDOM" in logged[-1]
+    assert source == "random" and "random VGG features" in logged[-1] and logged[-1].count("\n") == 1  # 2 lines
     again, _ = networks.load_vgg(["relu1_2"], log=logged.append, widths=WIDTHS)
     torch.testing.assert_close(vgg.features[0].weight, again.features[0].weight)  # same random features each run
     # and a file in the hub cache is picked up without --vgg
@@ -1933,10 +1933,10 @@ def test_figures(setup, tmp_path):
     out = str(tmp_path / "fig")
     path = evaluate.heatmap_figure([str(r) for r in runs], out, n=3)
     with Image.open(path) as im:
-        assert im.width == 8 * 128 and im.height > 3 * 128  # 4 + 2 runs x (generated, error) columns
+        assert im.width == 7 * 128 and im.height > 3 * 128  # source, landmarks, 2 generated, target, 2 errors
     assert len(os.listdir(os.path.join(out, "heatmaps"))) == 6
     for p in evaluate.grid_figures([str(runs[0])], out, n=2):
-        assert Image.open(p).size == (5 * 128, 18 + 2 * 128)
+        assert Image.open(p).size == (4 * 128, 18 + 2 * 128)  # source, target landmarks, generated, target
     for p in evaluate.loss_figures([str(r) for r in runs], out):
         with Image.open(p) as im:
             assert im.size == (2 * 380, 280) and len(np.unique(np.asarray(im).reshape(-1, 3), axis=0)) > 5
@@ -1959,8 +1959,15 @@ def test_cli(setup, tmp_path, capsys):
     root, runs = setup
     r = subprocess.run([sys.executable, "evaluate.py", "metrics", "--runs", *map(str, runs), "--n", "6", "--out",
                         str(tmp_path / "m")], capture_output=True, text=True, cwd=os.path.dirname(evaluate.__file__))
-    assert r.returncode == 0 and "| run |" in r.stdout and "wrote" in r.stdout, r.stderr
-    assert os.path.isfile(tmp_path / "m" / "metrics.json")
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and any(l.startswith("run ") for l in lines) and "wrote" in r.stdout, r.stderr
+    assert max(len(l) for l in lines[lines.index(next(l for l in lines if l.startswith("run "))):-2]) <= 100
+    assert "| run |" in open(tmp_path / "m" / "metrics.md").read() and os.path.isfile(tmp_path / "m" / "metrics.json")
+    m = json.load(open(tmp_path / "m" / "metrics.json"))
+    m["runs"] = {f"runs/a-long-run-name-{i}": {**r, "summary": {**r["summary"], **{f"x{k}": r["summary"]["L1"]
+                 for k in range(20)}}} for i, r in enumerate(list(m["runs"].values()) * 3)}
+    text, rest = evaluate.short_table(m)
+    assert max(map(len, text.splitlines())) <= 100 and len(rest) > 10 and text.count("\n") == 7  # head, rule, 6
     for cmd in ("heatmaps", "grid", "losses"):
         evaluate.main([cmd, "--runs", str(runs[0]), "--out", str(tmp_path / cmd)])
         assert "wrote" in capsys.readouterr().out
@@ -2244,11 +2251,13 @@ def test_synthetic_video_reads_back(ckpt, tmp_path, ext):
     else:
         with imageio.v2.get_reader(out, "ffmpeg") as r:
             frames = np.stack([f for f in r])  # not list(r): it asks len(), which ffmpeg gives as inf
-    assert frames.shape[:3] == (6, 256, 4 * 256)  # source | driver | landmarks | generated, zoomed to 256 px
+    # a 16-px strip of labels over source | driver landmarks | generated | driver, zoomed to 256 px
+    assert frames.shape[:3] == (6, 16 + 256, 4 * 256)
     assert sorted(os.listdir(pngs)) == [f"{t:05d}.png" for t in range(6)]
     first, last = (np.asarray(Image.open(os.path.join(pngs, f"{t:05d}.png"))) for t in (0, 5))
-    assert np.array_equal(first[:, :256], last[:, :256]) and first[:, :256].std() > 10  # the source face, still
-    assert not np.array_equal(first[:, 256:512], last[:, 256:512])  # the driver moves
+    assert (first[:16] < 128).any() and (first[:16, :, 0] >= 128).mean() > 0.8  # dark text on white
+    assert np.array_equal(first[16:, :256], last[16:, :256]) and first[16:, :256].std() > 10  # the source, still
+    assert not np.array_equal(first[16:, 768:], last[16:, 768:])  # the driver moves
 
 
 def test_image_source_and_landmarks_only_driver(ckpt, tmp_path):
@@ -2259,7 +2268,7 @@ def test_image_source_and_landmarks_only_driver(ckpt, tmp_path):
     res = run(ckpt, "--source", str(tmp_path / "me.png"), "--driver", str(tmp_path / "drv.npy"),
               "--out", str(tmp_path / "o.gif"), "--zoom", "2")
     assert res["mode"] == "relative" and "flicker_ref" not in res
-    assert imageio.v3.imread(tmp_path / "o.gif", index=None).shape[:3] == (8, 2 * SIZE, 2 * 3 * SIZE)  # no driver frames
+    assert imageio.v3.imread(tmp_path / "o.gif", index=None).shape[:3] == (8, 16 + 2 * SIZE, 2 * 3 * SIZE)  # no driver
 
 
 def test_prepared_and_300vw_drivers(ckpt, tmp_path):
@@ -2556,7 +2565,7 @@ def test_reenact_own_image_and_video_without_landmark_files(ckpt, astronaut, tmp
     assert res["frames"] == CLIP_T and res["mode"] == "relative" and res["no_face"] == 1
     assert f"{vid}: no face found in 1 of {CLIP_T} frames (they keep the last landmarks)" in capsys.readouterr().out
     with imageio.v2.get_reader(tmp_path / "o.mp4", "ffmpeg") as r:
-        assert np.stack([f for f in r]).shape[:3] == (CLIP_T, 256, 4 * 256)  # source | driver | landmarks | generated
+        assert np.stack([f for f in r]).shape[:3] == (CLIP_T, 16 + 256, 4 * 256)  # labels over the 4 panels
     # The source's landmarks, detected on the head alone, are the driver's first ones less the offset.
     src = extras.reenact.load_face(str(tmp_path / "me.png"))["lm"]
     assert np.abs(src - (extras.reenact.load_driver(vid)["lms"][0] - PATH[0])).max() < 3.0

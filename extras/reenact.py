@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 from data import (CROP_SCALE, N_LANDMARKS, DataError, crop_box, crop_face, decode, face_size, heatmap_picture,
                   is_video, number, outside, read_pts, read_prepared, read_video, to_uint8, writable,
                   write_video)
-from evaluate import flicker, write_png
+from evaluate import flicker, label_strip, write_png
 from extras import landmarks, synthetic
 from networks import generate, load_generator, pick_device
 
@@ -27,6 +27,8 @@ REENACT_FRAMES = 100  # a synthetic driver's length: 4 s at 25 fps
 REENACT_FPS = 25
 REENACT_HEIGHT = 256  # without --zoom, panels are enlarged to about this many pixels
 REENACT_ZOOM_MAX = 16  # the video is built in memory: 100 frames of 4 x 64 px panels x 16 take 1.3 GB
+# the video's panels in evaluate.COLUMNS' order, each labelled on every frame
+PANELS = {"source": "source", "landmarks": "driver landmarks", "generated": "generated", "driver": "driver (target)"}
 
 
 def retarget(src_lm, drv_lms, neutral=0):
@@ -234,9 +236,12 @@ def make_video(args):
     if not 0 <= args["neutral"] < T:
         raise DataError(f"{args['driver']}: --neutral {args['neutral']} is not one of its {T} frames")
     p = drive(G, run, src, drv, relative, args["neutral"], crop_scale)
-    names = [k for k in ("source", "driver", "landmarks", "generated") if k in p]
+    names = [k for k in ("source", "landmarks", "generated", "driver") if k in p]  # in evaluate's COLUMNS order
+    heads = [PANELS[k] for k in names]
     zoom = args["zoom"] or max(1, REENACT_HEIGHT // run["args"]["size"])  # 64-px panels are too small to see
     video = np.concatenate([p[k] for k in names], axis=2).repeat(zoom, 1).repeat(zoom, 2)
+    strip = label_strip(heads, run["args"]["size"] * zoom)  # every frame says what its panels are
+    video = np.concatenate([np.broadcast_to(strip, (len(video), *strip.shape)), video], axis=1)
     write_video(args["out"], video, args["fps"])
     if args["frames_dir"]:
         os.makedirs(args["frames_dir"], exist_ok=True)
@@ -245,7 +250,7 @@ def make_video(args):
     mode, gen = "relative" if relative else "absolute", p["generated"]
     out = {"out": args["out"], "frames": len(gen), "mode": mode, "flicker": flicker(gen),
            "no_face": drv.get("no_face")}
-    print(f"wrote {args['out']} ({len(gen)} frames, {mode} retargeting; panels: {' | '.join(names)})"
+    print(f"wrote {args['out']} ({len(gen)} frames, {mode} retargeting; panels: {' | '.join(heads)})"
           + (f", PNGs in {args['frames_dir']}/" if args["frames_dir"] else ""))
     vs = ""
     if "reference" in p:
@@ -276,7 +281,7 @@ def add_options(p):
                    help="driver frame whose expression is the source's (relative)")
     p.add_argument("--frames", type=number(), help=f"use the first N driver frames (synthetic: default "
                    f"{REENACT_FRAMES})")
-    p.add_argument("--fps", type=number(float, 0, above=True), default=REENACT_FPS)
+    p.add_argument("--fps", type=number(float, 0, above=True), default=REENACT_FPS, help="of the video written")
     p.add_argument("--zoom", type=number(high=REENACT_ZOOM_MAX),
                    help=f"enlarge the panels K times, nearest neighbour (default: "
                    f"to about {REENACT_HEIGHT} px high)")
