@@ -128,8 +128,9 @@ class ArgParser(argparse.ArgumentParser):
         super().__init__(*a, formatter_class=argparse.RawDescriptionHelpFormatter, **k)
 
     def add_argument(self, *a, **k):
-        shown = k.get("default") is not None and k.get("default") is not False and k.get("default") not in ([], argparse.SUPPRESS)
-        if a[0].startswith("-") and shown and "default" not in k.get("help", ""):  # 0 is a default to show
+        d = k.get("default")
+        shown = d is not None and d is not False and d not in ([], argparse.SUPPRESS)  # 0 is shown
+        if a[0].startswith("-") and shown and "default" not in k.get("help", ""):
             k["help"] = (k.get("help", "") + " (default: %(default)s)").strip()  # read when --help prints
         return super().add_argument(*a, **k)
 
@@ -146,12 +147,13 @@ class ArgParser(argparse.ArgumentParser):
         choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if choice:
             words, names = [choice[1]], re.findall(r"'([^']*)'", choice[2])
-        else:
-            unknown = re.search(r"unrecognized arguments: (.*)", message)
-            words = [w.split("=")[0] for w in unknown[1].split() if w.startswith("-")] if unknown else []
+        else:  # an option no prefix of which is known, in the message or (a required one missing) the line
             verbs = [a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)]
             typed = next((vs[w] for vs in verbs for w in getattr(self, "argv", []) if w in vs), self)
             names = [o for a in typed._actions for o in a.option_strings]
+            unknown = re.search(r"unrecognized arguments: (.*)", message)
+            words = [w.split("=")[0] for w in (unknown[1].split() if unknown else getattr(self, "argv", []))]
+            words = [w for w in words if w.startswith("--") and not any(n.startswith(w) for n in names)]
         hits = [h[0] for w in words for h in [difflib.get_close_matches(w, names, 1)] if h]
         return f" (did you mean {' '.join(hits)}?)" if hits else ""
 
@@ -177,7 +179,8 @@ def progress(label, done, total, t0, unit="frames", extra=""):
     rate = done / max(time.time() - t0, 1e-9)
     eta = (total - done) / rate if rate > 0 else float("inf")
     end = "\n" if done >= total else ""
-    print(f"\r{label} {done}/{total} {rate:.1f} {unit}/s ETA {clock(eta)} {extra}".rstrip(), end=end, flush=True)
+    line = f"\r{label} {done}/{total} {rate:.1f} {unit}/s ETA {clock(eta)} {extra}".rstrip()
+    print(line, end=end, flush=True)
 
 
 def clock(seconds):

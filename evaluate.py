@@ -14,18 +14,17 @@ import glob
 import json
 import math
 import os
-import struct
 import time
-import zlib
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import ImageDraw
 
 import data
 import networks
 from data import DataError, progress
 from extras import landmarks, synthetic
+from extras.figures import COLORS, FONT, axes, panels, tile_figure, viridis, write_png
 from losses import TERMS
 
 # ----------------------------------------------------------------------------- defaults
@@ -34,45 +33,11 @@ VMIN, VMAX = 0, 96                   # the paper: error 0 -> dark blue, >= 96 of
 N_PERM = 10000                       # sign flips in the paired permutation test
 FLICKER_VIDEOS, FLICKER_FRAMES = 8, 24  # flicker: the first 8 videos of the split, 24 frames each
 TAIL = 0.1                           # "end of training" = mean of the last 10 % of the log's rows
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-# Viridis (van der Walt & Smith; matplotlib's _viridis_data, CC0): 22 of its 256 entries as
-# (index, r, g, b), picked greedily so that linear interpolation between them stays within 0.82 of
-# one 8-bit level of every published entry (8-bit colours off by at most 1).
-VIRIDIS = np.array([
-    (0, .267004, .004874, .329415), (14, .281446, .084320, .407414), (26, .282290, .145912, .461510),
-    (38, .273006, .204520, .501721), (50, .255645, .260703, .528312), (65, .227802, .326594, .546532),
-    (83, .194100, .399323, .555565), (108, .154815, .493313, .557840), (128, .127568, .566949, .550556),
-    (142, .119699, .618490, .536347), (153, .134692, .658636, .517649), (164, .175707, .697900, .491033),
-    (176, .246070, .738910, .452024), (188, .335885, .777018, .402049), (202, .458674, .816363, .329727),
-    (214, .575563, .844566, .256415), (231, .751884, .874951, .143228), (238, .824940, .884720, .106217),
-    (242, .866013, .889868, .095953), (246, .906311, .894855, .098125), (250, .945636, .899815, .112838),
-    (255, .993248, .906157, .143936)])
 T975 = (12.706, 4.303, 3.182, 2.776)  # Student t 97.5 % quantiles, df 1..4
-FONT = {s: ImageFont.load_default(size=s) for s in (10, 11, 13)}  # Pillow >= 10: scalable
 
 
-# ----------------------------------------------------------------------------- PNG, colours, drawing
-def write_png(path, img):
-    """8-bit grey (H,W) or RGB (H,W,3) -> PNG: signature, then IHDR, one zlib IDAT and IEND chunks,
-    each length + type + data + CRC-32(type + data). Every row starts with filter byte 0 (none)."""
-    img = np.ascontiguousarray(img, dtype=np.uint8)
-    h, w = img.shape[:2]
-    rows = np.concatenate([np.zeros((h, 1), np.uint8), img.reshape(h, -1)], axis=1)
-    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0 if img.ndim == 2 else 2, 0, 0, 0)  # depth 8, grey / RGB
-    with data.writing(path) as tmp, open(tmp, "wb") as f:  # whole or not at all
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9))
-                + chunk(b"IEND", b""))
-    return path
 
-
-def viridis(t):
-    """Values in [0, 1] (clipped) -> uint8 (..., 3) viridis colours."""
-    x = np.clip(np.asarray(t, dtype=np.float64), 0, 1) * 255
-    rgb = np.stack([np.interp(x, VIRIDIS[:, 0], VIRIDIS[:, c]) for c in (1, 2, 3)], axis=-1)
-    return np.round(rgb * 255).astype(np.uint8)
-
-
+# ----------------------------------------------------------------------------- what figures show
 def error_heatmap(generated, target, vmin=VMIN, vmax=VMAX):
     """Appendix B: |generated - target| averaged over colour channels on the 0-255 scale, viridis."""
     err = np.abs(generated.astype(np.float64) - target.astype(np.float64)).mean(-1)
@@ -83,69 +48,8 @@ def landmark_picture(lm, cfg):
     """The landmark columns: uint8 (N,S,S,3) pictures of what G is given for (N,68,2) landmarks, with
     the run's heatmap size, sigma and window."""
     a = cfg["args"]
-    return data.to_uint8(data.heatmap_picture(torch.as_tensor(np.asarray(lm)), a["size"], a["sigma"], a["window"]))
-
-
-def label_strip(labels, cell, height=16):
-    """White, a black label centred over each of len(labels) panels cell pixels wide: uint8 (height,W,3)."""
-    im = Image.new("RGB", (cell * len(labels), height), "white")
-    for c, label in enumerate(labels):
-        ImageDraw.Draw(im).text((c * cell + cell / 2, 2), label[:cell // 6], fill="black", anchor="ma", font=FONT[11])
-    return np.asarray(im)
-
-
-def tile_figure(columns, labels, colorbar=None):
-    """Columns of (N,S,S,3) tiles scaled up to >= 128 px (so the labels fit), labels on top, and for
-    heatmaps a viridis colour bar (vmin, vmax) underneath. Returns uint8 (H,W,3)."""
-    n, size = columns[0].shape[:2]
-    cell = size * max(1, 128 // size)
-    im = Image.new("RGB", (cell * len(labels), 18 + cell * n + (34 if colorbar else 0)), "white")
-    d = ImageDraw.Draw(im)
-    im.paste(Image.fromarray(label_strip(labels, cell, 18)), (0, 0))
-    for c, column in enumerate(columns):
-        for r, tile in enumerate(column):
-            im.paste(Image.fromarray(tile).resize((cell, cell), Image.NEAREST), (c * cell, 18 + r * cell))
-    if colorbar:
-        y, w = 22 + cell * n, min(im.width - 40, 256)
-        im.paste(Image.fromarray(np.repeat(viridis(np.linspace(0, 1, w))[None], 10, 0)), (20, y))
-        for f, v in zip((0, .5, 1), (colorbar[0], sum(colorbar) / 2, colorbar[1])):
-            d.text((20 + f * (w - 1), y + 12), f"{v:g}" + "+" * (f == 1), fill="black", anchor="ma", font=FONT[11])
-        d.text((w + 28, y), "|generated - target|, 0-255", fill="black", font=FONT[11])
-    return np.asarray(im)
-
-
-def ticks(lo, hi, log=False):
-    """Powers of ten on a log axis, else about five at 1, 2 or 5 x 10^k."""
-    if log:
-        return [10.0 ** k for k in range(math.ceil(math.log10(lo)), math.floor(math.log10(hi)) + 1)]
-    raw = (hi - lo) / 5 or 1.0
-    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
-    return list(np.arange(math.ceil(lo / step) * step, hi + step * 1e-6, step))
-
-
-def axes(d, box, xr, yr, log=False, title="", xlabel="", ylabel="", xticks=True):
-    """Frame, ticks and labels around box (x0, y0, x1, y1); returns the data -> pixel maps."""
-    x0, y0, x1, y1 = box
-    tf = math.log10 if log else float
-    fx = lambda v: x0 + (v - xr[0]) / ((xr[1] - xr[0]) or 1) * (x1 - x0)
-    fy = lambda v: y1 - (tf(v) - tf(yr[0])) / ((tf(yr[1]) - tf(yr[0])) or 1) * (y1 - y0)
-    d.rectangle(box, outline="black")
-    for v in ticks(*yr, log):
-        d.line([(x0 - 4, fy(v)), (x0, fy(v))], fill="black")
-        d.text((x0 - 6, fy(v)), f"{v:.3g}", fill="black", anchor="rm", font=FONT[11])
-    for v in ticks(*xr, False) if xticks else []:
-        d.line([(fx(v), y1), (fx(v), y1 + 4)], fill="black")
-        d.text((fx(v), y1 + 6), f"{v:.6g}", fill="black", anchor="ma", font=FONT[11])
-    d.text(((x0 + x1) / 2, y0 - 40), title, fill="black", anchor="ma", font=FONT[13])
-    d.text((x0 - 50, y0 - 8), ylabel, fill="black", anchor="ls", font=FONT[11])
-    d.text(((x0 + x1) / 2, y1 + 22), xlabel, fill="black", anchor="ma", font=FONT[11])
-    return fx, fy
-
-
-def panels(n, w=380, h=280):
-    """A white canvas for n plot panels, 4 to a row, and each panel's plotting box."""
-    im = Image.new("RGB", (w * min(n, 4), h * math.ceil(n / 4)), "white")
-    return im, [(c * w + 70, r * h + 48, c * w + w - 15, r * h + h - 45) for r, c in (divmod(i, 4) for i in range(n))]
+    lm = torch.as_tensor(np.asarray(lm))
+    return data.to_uint8(data.heatmap_picture(lm, a["size"], a["sigma"], a["window"]))
 
 
 # ----------------------------------------------------------------------------- runs, pairs, generation
@@ -276,12 +180,13 @@ def metrics(run_dirs, split=None, data_root=None, n_pairs=N_EVAL, seed=SEED, dev
         out["split"], videos = videos_of(root, split)
         src, src_lm, tgt, tgt_lm = gather(videos, n_pairs, seed)
         gen = networks.generate(G, cfg, src, tgt_lm, label=f"{tag} same-video pairs:")
-        judged = judge and landmarks.judge_scores(*(x[:judge] for x in (gen, src, src_lm, tgt_lm)), label=f"{tag} judge:")
-        out["judge"] = (f"dlib, on the first {min(judge, n_pairs)} pairs" if judged else
-                        "skipped (dlib / face_recognition_models not installed)" if judge else "off (--judge N)")
+        first = (x[:judge] for x in (gen, src, src_lm, tgt_lm))
+        judged = judge and landmarks.judge_scores(*first, label=f"{tag} judge:")
+        out["judge"] = (f"dlib, on the first {min(judge, n_pairs)} pairs" if judged else "off (--judge N)"
+                        if not judge else "skipped (dlib / face_recognition_models not installed)")
         pairs = {**scores(gen, tgt), **(judged or {})}
         if len(videos) > 1 and all(v["params"] for v in videos):  # the synthetic set: cross-identity
-            t = synthetic.cross_targets(root, out["split"], videos, n_pairs, seed, label=f"{tag} rendering the truth:")
+            t = synthetic.cross_targets(root, out["split"], videos, n_pairs, seed, f"{tag} rendering truth:")
             x_gen = networks.generate(G, cfg, t["src"], t["lm"], label=f"{tag} cross-identity pairs:")
             pairs.update(scores(x_gen, t["img"], "x_"))
             # the paper's setting: the driver's own landmarks (B's face shape), against the same truth
@@ -352,7 +257,8 @@ def heatmap_figure(run_dirs, out, split=None, data_root=None, n=N_FIGURE, seed=S
         for i, img in enumerate(h):
             write_png(os.path.join(out, "heatmaps", f"{name}_pair{i}.png"), img)
     head = [*COLUMNS[:2], *(f"{r}: generated" for r in names), COLUMNS[3], *(f"{r}: error" for r in names)]
-    return write_png(os.path.join(out, "heatmaps.png"), tile_figure([src, lm, *gens, tgt, *heats], head, (vmin, vmax)))
+    figure = tile_figure([src, lm, *gens, tgt, *heats], head, (vmin, vmax))
+    return write_png(os.path.join(out, "heatmaps.png"), figure)
 
 
 def grid_figures(run_dirs, out, split=None, data_root=None, n=N_FIGURE, seed=SEED, device="cpu"):
@@ -529,26 +435,27 @@ def latest_run(root="runs"):
 def main(argv=None):
     p = data.ArgParser(description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for cmd, about in (("heatmaps", "Appendix B: each run's |generated - target| on the same held-out pairs"),
-                       ("grid", "Fig. 1 per run: source, target landmarks (as G gets them), generated, target"),
-                       ("losses", "Fig. 3 (each weighted loss term at the end) and Fig. 4 (over training), from log.csv"),
-                       ("metrics", "L1 / PSNR / SSIM on held-out pairs with 95 % intervals (the synthetic set adds "
-                                   "cross-identity scores against rendered truth and identity leak), and flicker; a "
-                                   "short table, the full one in OUT/metrics.md (.csv, .json)")):
+    for cmd, about in (
+            ("heatmaps", "Appendix B: each run's |generated - target| on the same held-out pairs"),
+            ("grid", "Fig. 1 per run: source, target landmarks (as G gets them), generated, target"),
+            ("losses", "Fig. 3 (each weighted loss term at the end), Fig. 4 (over training), from log.csv"),
+            ("metrics", "L1 / PSNR / SSIM on held-out pairs with 95 % intervals (the synthetic set adds "
+                        "cross-identity scores against rendered truth and identity leak), and flicker; a "
+                        "short table, the full one in OUT/metrics.md (.csv, .json)")):
         s = sub.add_parser(cmd, help=about, description=about)
         s.add_argument("--runs", nargs="+", help="run folders (default: the run under runs/ trained last)")
         s.add_argument("--out", default="eval", help="output folder")
         if cmd != "losses":
             s.add_argument("--data", help="prepared dataset (default: each run's own, from its config)")
-            s.add_argument("--split", help="split to draw pairs from (default: the first test split with videos)")
+            s.add_argument("--split", help="the pairs' split (default: the first test split with videos)")
             s.add_argument("--n", type=data.number(), default=N_EVAL if cmd == "metrics" else N_FIGURE,
                            help="held-out source/target pairs")
             s.add_argument("--seed", type=data.number(int, 0), default=SEED, help="pair-sampling seed")
             s.add_argument("--device", default="cpu", help="cpu or cuda")
         if cmd == "metrics":
-            s.add_argument("--judge", type=data.number(int, 0), nargs="?", const=N_EVAL, default=0, metavar="N",
-                           help="also score the first N pairs (all without N) with dlib's face judge: "
-                                "landmark error and identity distance, ~0.3 s a pair (needs the optional extra)")
+            s.add_argument("--judge", type=data.number(int, 0), nargs="?", const=N_EVAL, default=0,
+                           metavar="N", help="also score the first N pairs (all without N) with dlib's face "
+                           "judge: landmark error and identity distance, ~0.5 s a pair (the optional extra)")
         if cmd == "heatmaps":
             s.add_argument("--vmin", type=float, default=VMIN, help="error drawn dark blue (0-255)")
             s.add_argument("--vmax", type=float, default=VMAX, help="error drawn yellow, and above")

@@ -45,10 +45,10 @@ NGF, N_DOWN, NDF = 64, 4, 32
 BATCH_MAX, WIDTH_MAX = 16384, 1024  # memory runs out long before: a one-line error, not an allocator's
 LOG_EVERY, SAMPLE_EVERY, CKPT_EVERY = 50, 500, 500
 LINE_EVERY = 30  # seconds: a progress line at least this often, so a slow run is never silent
-TRAIN_ABOUT = """Train G and D on triplets of frames with the paper's six-term loss, on the built-in synthetic set
-unless --data. A first run: --steps 200 --out runs/short. OUT gets log.csv (a row at step 1, every
---log-every steps and where the run stops), samples/step_N.png (the same held-out faces each time),
-config.json and ckpt.pt. Ctrl-C saves and stops; --resume OUT goes on from there."""
+TRAIN_ABOUT = """Train G and D on triplets of frames with the paper's six-term loss, on the built-in
+synthetic set unless --data. A first run: --steps 200 --out runs/short. OUT gets log.csv (a row at
+step 1, every --log-every steps and where the run stops), samples/step_N.png (the same held-out
+faces each time), config.json and ckpt.pt. Ctrl-C saves and stops; --resume OUT goes on from there."""
 CACHE = extras.synthetic.SYNTH_CACHE
 # what --resume may change: the schedule (sticks from then on), and this session's own settings
 SCHEDULE = {"steps", "epochs", "out"}
@@ -293,7 +293,8 @@ def train_run(args, run, ckpt):
                       " ".join(f"{t} {vals[t]:.4f}" for t in TERMS if t in vals) + f" | D {vals['D']:.4f}", flush=True)
             if main_rank and (done == start + 1 or done % args["sample_every"] == 0 or done == total or stopping):
                 # the first one early: a glance that G draws faces at all
-                evaluate.sample_grid(G, pairs, args, os.path.join(out, "samples", f"step_{done:06d}.png"), done)
+                evaluate.sample_grid(G, pairs, args, os.path.join(out, "samples", f"step_{done:06d}.png"),
+                                     done)
             if save:
                 if main_rank:  # a checkpoint is a plain dict: weights, optimiser states, the run's options
                     networks.save_checkpoint(ckpt_path, {
@@ -390,7 +391,7 @@ def add_train_options(p):
     p.add_argument("--out", default=os.path.join("runs", "default"), help="run folder")
     p.add_argument("--resume", help="run folder or checkpoint to continue from")
     p.add_argument("--batch-size", type=batch, default=BATCH_SIZE, help="triplets per step (per process)")
-    p.add_argument("--epochs", type=pos, default=EPOCHS, help="passes of --triplets-per-epoch triplets (paper: 6)")
+    p.add_argument("--epochs", type=pos, default=EPOCHS, help="passes of --triplets-per-epoch (paper: 6)")
     p.add_argument("--triplets-per-epoch", type=pos, default=TRIPLETS_PER_EPOCH, help="(paper: 9.5k)")
     p.add_argument("--steps", type=pos, help="total steps, instead of --epochs (a short run: --steps 200)")
     p.add_argument("--lr-g", type=above0, default=LR_G, help="G's Adam learning rate (paper: 2e-4)")
@@ -439,7 +440,7 @@ def main(argv=None):
     add_train_options(p_train)
     about = "a 300VW-layout folder or a folder of videos -> a prepared dataset (train on it with --data OUT)"
     p = sub.add_parser("prepare", help=about, description=about)
-    p.add_argument("src", help="300VW layout (NNN/vid.avi, NNN/annot/*.pts), or video files (landmarks detected)")
+    p.add_argument("src", help="300VW layout (NNN/vid.avi, NNN/annot/*.pts), or videos (landmarks detected)")
     p.add_argument("out", help="the prepared dataset to write (an interrupted run picks up where it stopped)")
     p.add_argument("--size", type=data.number(int, 16), default=64, help="crop side in pixels")
     p.add_argument("--crop-scale", type=data.number(float, 0, above=True), default=data.CROP_SCALE, help="crop side / landmark box side")
@@ -450,7 +451,8 @@ def main(argv=None):
     extras.synthetic.add_options(sub.add_parser("synth", help=about, description=about))
     about = ("the paper's loss ablations (full, no_pix, no_consistency, no_feature) over --seeds seeds into "
              "OUT/NAME/seedK, then OUT/REPORT.md; a re-run skips finished runs and resumes cut ones")
-    p = sub.add_parser("ablation", help="the paper's loss ablations over seeds, then REPORT.md", description=about)
+    p = sub.add_parser("ablation", help="the paper's loss ablations over seeds, then REPORT.md",
+                       description=about)
     add_train_options(p)
     p.set_defaults(out=os.path.join("runs", "ablation"))
     p.add_argument("--seeds", type=pos, default=3, help="runs per ablation, seeds 0 .. N-1")
@@ -462,7 +464,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=data.number(high=BATCH_MAX), default=BATCH_SIZE,
                    help="triplets per step, as in train")
     p.add_argument("--steps", type=pos, default=10, help="timed steps")
-    p.add_argument("--warmup", type=data.number(int, 0), default=2, help="untimed steps first (allocation, caches)")
+    p.add_argument("--warmup", type=data.number(int, 0), default=2, help="untimed steps first (allocation)")
     p.add_argument("--size", type=data.number(int, 16), default=64, help="image size of random batches (a dataset has its own)")
     p.add_argument("--ngf", type=data.number(high=WIDTH_MAX), default=NGF, help="as in train")
     p.add_argument("--n-down", type=data.number(high=8), default=N_DOWN, help="as in train")
@@ -471,7 +473,7 @@ def main(argv=None):
     add_compile_option(p)
     p.add_argument("--data", help="prepared dataset to draw the batch from (default: the built-in synthetic set "
                    "if built, else random tensors; a dataset sets the image size)")
-    about = "drive a face with another video's landmarks: a video of source | driver landmarks | generated | driver"
+    about = "drive a face with another video's landmarks: source | driver landmarks | generated | driver"
     extras.reenact.add_options(sub.add_parser("reenact", help="drive a face with another video's landmarks",
                                               description=about))
     args = parser.parse_args(argv)

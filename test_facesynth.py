@@ -924,7 +924,7 @@ def test_vgg_random_when_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(networks, "VGG_URL", "http://127.0.0.1:9/vgg19.pth")  # refused at once
     logged = []
     vgg, source = networks.load_vgg(["relu1_2"], log=logged.append, widths=WIDTHS)
-    assert source == "random" and "random VGG features" in logged[-1] and logged[-1].count("\n") == 1  # 2 lines
+    assert source == "random" and "random VGG features" in logged[-1] and logged[-1].count("\n") == 1
     again, _ = networks.load_vgg(["relu1_2"], log=logged.append, widths=WIDTHS)
     torch.testing.assert_close(vgg.features[0].weight, again.features[0].weight)  # same random features each run
     # and a file in the hub cache is picked up without --vgg
@@ -1222,10 +1222,21 @@ def test_training_writes_outputs_and_lowers_pixel_loss(blobs, tmp_path):
     run_train("--data", blobs, "--out", out, "--steps", "40", "--log-every", "10", "--sample-every", "20",
               "--lr-g", "2e-3")
     rows = read_log(out)
-    assert [int(r["step"]) for r in rows] == [10, 20, 30, 40]
+    assert [int(r["step"]) for r in rows] == [1, 10, 20, 30, 40]  # step 1 too: a run of any length has a row
     assert all(r[f"L_{t}"] for r in rows for t in losses.TERMS)
     assert float(rows[-1]["L_pix"]) < 0.5 * float(rows[0]["L_pix"])
     assert sorted(os.listdir(os.path.join(out, "samples"))) == ["step_000001.png", "step_000020.png", "step_000040.png"]
+    # Every grid shows the same held-out pairs: sources and targets are frames of the one test video (002),
+    # scaled 4x to 128-px cells under an 18-px row of labels; only the generated column changes.
+    first, last = (np.asarray(Image.open(os.path.join(out, "samples", f"step_0000{s}.png"))) for s in "01 40".split())
+    assert first.shape == (18 + 4 * 128, 4 * 128, 3)
+    assert (first[:18, :, 0] < 100).any(axis=0).reshape(4, 128).any(1).all()  # a label over every column
+    test_frames = np.load(os.path.join(blobs, "002", "frames.npy"))
+    for col in (0, 3):  # source, target
+        tiles = first[18:, col * 128:(col + 1) * 128].reshape(4, 128, 128, 3)[:, ::4, ::4]
+        assert all(any(np.array_equal(t, f) for f in test_frames) for t in tiles)
+        assert np.array_equal(first[:, col * 128:(col + 1) * 128], last[:, col * 128:(col + 1) * 128])
+    assert not np.array_equal(first[18:, 256:384], last[18:, 256:384])
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["vgg"] == "random"
     assert cfg["lambdas"] == {"adv": 1, "pix": 10, "self": 100, "triple": 100, "pp": 10, "id": 1}
@@ -1358,7 +1369,13 @@ def test_ctrl_c_once_saves_after_the_step(blobs, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         run_train("--data", blobs, "--out", out, "--steps", "10")
     assert e.value.code == 130 and torch.load(os.path.join(out, "ckpt.pt"))["step"] == 3
-    assert f"interrupted: checkpoint at step 3 in {os.path.join(out, 'ckpt.pt')}" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"interrupted: checkpoint at step 3 in {os.path.join(out, 'ckpt.pt')}" in said
+    assert [int(r["step"]) for r in read_log(out)] == [1, 3]  # a row where it stopped, before any --log-every
+    assert "step_000003.png" in os.listdir(os.path.join(out, "samples"))
+    assert said.count("random VGG features") == 1  # the notice once per run: not again on resume
+    facesynth.main(["train", "--resume", out, "--steps", "4"])
+    assert "random VGG features" not in capsys.readouterr().out
 
 
 def test_ctrl_c_twice_quits_without_touching_the_checkpoint(blobs, tmp_path, monkeypatch, capsys):
@@ -1962,19 +1979,31 @@ def test_cli(setup, tmp_path, capsys):
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and any(l.startswith("run ") for l in lines) and "wrote" in r.stdout, r.stderr
     assert max(len(l) for l in lines[lines.index(next(l for l in lines if l.startswith("run "))):-2]) <= 100
-    assert "| run |" in open(tmp_path / "m" / "metrics.md").read() and os.path.isfile(tmp_path / "m" / "metrics.json")
+    assert "| run |" in open(tmp_path / "m" / "metrics.md").read()
     m = json.load(open(tmp_path / "m" / "metrics.json"))
     m["runs"] = {f"runs/a-long-run-name-{i}": {**r, "summary": {**r["summary"], **{f"x{k}": r["summary"]["L1"]
                  for k in range(20)}}} for i, r in enumerate(list(m["runs"].values()) * 3)}
     text, rest = evaluate.short_table(m)
-    assert max(map(len, text.splitlines())) <= 100 and len(rest) > 10 and text.count("\n") == 7  # head, rule, 6
+    assert max(map(len, text.splitlines())) <= 100 and len(rest) > 10 and text.count("\n") == 7  # 6 runs
     for cmd in ("heatmaps", "grid", "losses"):
         evaluate.main([cmd, "--runs", str(runs[0]), "--out", str(tmp_path / cmd)])
         assert "wrote" in capsys.readouterr().out
 
 
-def test_cli_errors(setup, tmp_path, capsys):
+def test_cli_errors(setup, tmp_path, capsys, monkeypatch):
     root, runs = setup
+    os.makedirs(tmp_path / "fresh")
+    monkeypatch.chdir(tmp_path / "fresh")  # no runs/ here
+    for cmd in ("grid", "metrics", "losses"):
+        with pytest.raises(SystemExit):
+            evaluate.main([cmd])
+        assert "no trained run under runs/ yet: train one first (python facesynth.py train" in \
+            capsys.readouterr().err
+    # every run is checked before any is scored: a typo in the last one costs nothing
+    with pytest.raises(SystemExit):
+        evaluate.main(["metrics", "--runs", str(runs[0]), str(tmp_path / "typo")])
+    out = capsys.readouterr()
+    assert "typo: no checkpoint there" in out.err and "metrics 1/2" not in out.out
     os.makedirs(tmp_path / "empty_run")
     (root / "split.json").write_text(json.dumps({"train": ["000"], "test1": []}))
     for run in (tmp_path / "nope", tmp_path / "empty_run", runs[0]):  # no folder, no ckpt.pt, empty split
@@ -2256,7 +2285,7 @@ def test_synthetic_video_reads_back(ckpt, tmp_path, ext):
     assert sorted(os.listdir(pngs)) == [f"{t:05d}.png" for t in range(6)]
     first, last = (np.asarray(Image.open(os.path.join(pngs, f"{t:05d}.png"))) for t in (0, 5))
     assert (first[:16] < 128).any() and (first[:16, :, 0] >= 128).mean() > 0.8  # dark text on white
-    assert np.array_equal(first[16:, :256], last[16:, :256]) and first[16:, :256].std() > 10  # the source, still
+    assert np.array_equal(first[16:, :256], last[16:, :256]) and first[16:, :256].std() > 10  # the source
     assert not np.array_equal(first[16:, 768:], last[16:, 768:])  # the driver moves
 
 
@@ -2268,7 +2297,8 @@ def test_image_source_and_landmarks_only_driver(ckpt, tmp_path):
     res = run(ckpt, "--source", str(tmp_path / "me.png"), "--driver", str(tmp_path / "drv.npy"),
               "--out", str(tmp_path / "o.gif"), "--zoom", "2")
     assert res["mode"] == "relative" and "flicker_ref" not in res
-    assert imageio.v3.imread(tmp_path / "o.gif", index=None).shape[:3] == (8, 16 + 2 * SIZE, 2 * 3 * SIZE)  # no driver
+    # labels over 3 panels (no driver frames)
+    assert imageio.v3.imread(tmp_path / "o.gif", index=None).shape[:3] == (8, 16 + 2 * SIZE, 2 * 3 * SIZE)
 
 
 def test_prepared_and_300vw_drivers(ckpt, tmp_path):
@@ -2642,6 +2672,64 @@ def test_cuda_without_a_gpu_blames_the_device_not_the_checkpoint(ckpt, tmp_path,
     with pytest.raises(SystemExit):
         evaluate.main(["grid", "--runs", os.path.dirname(ckpt), "--device", "cuda", "--out", str(tmp_path)])
     assert capsys.readouterr().err == want
+
+
+def test_the_quick_start_runs_as_written(blobs, tmp_path, monkeypatch, capsys):
+    """The README's quick start in its order, in a fresh folder: each train and evaluate line as written,
+    with a tiny model and dataset added at the end and 2 steps (the paper's whole run is left out), and
+    every file its comments promise."""
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(evaluate.__file__)), "README.md")).read()
+    quick = readme.split("## Quick start")[1].split("\n## ")[0]
+    lines = [l.strip() for l in quick.splitlines() if l.startswith("    python ")]
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    for line in lines:
+        command, _, comment = line.partition("#")
+        script, *argv = command.split()[1:]
+        if script == "facesynth.py" and argv[0] == "train" and "--steps" in argv:
+            tiny = [w if argv[i - 1] != "--steps" else "2" for i, w in enumerate(argv)]
+            facesynth.main(tiny + ["--data", blobs, *TINY_TRAIN])
+        elif script == "evaluate.py":
+            evaluate.main(argv + ([] if argv[0] == "losses" else ["--n", "2"]))
+            assert "--runs not given: the most recent run, runs/short" in capsys.readouterr().out
+        else:
+            continue
+        ran.append(argv[0])
+        for promised in re.findall(r"eval/\S+\.png", comment):
+            assert os.path.isfile(promised), (line, promised)
+    assert ran == ["train", "grid", "losses", "metrics"] and os.path.isfile("eval/metrics.md")
+    assert [int(r["step"]) for r in read_log("runs/short")] == [1, 2]
+
+
+@pytest.mark.parametrize("main, argv, hint", [
+    ("facesynth", ["train", "--batchsize", "8"], "arguments: --batchsize 8 (did you mean --batch-size?)"),
+    ("facesynth", ["trian"], "(did you mean train?)"),
+    ("facesynth", ["bench", "--stepz", "3"], "(did you mean --steps?)"),
+    ("facesynth", ["reenact", "--drvier", "x"], "(did you mean --driver?)"),
+    ("evaluate", ["metric"], "(did you mean metrics?)"),
+    ("evaluate", ["grid", "--sed", "1"], "(did you mean --seed?)"),
+])
+def test_mistyped_options_and_verbs_get_a_suggestion(main, argv, hint, capsys):
+    with pytest.raises(SystemExit) as e:
+        {"facesynth": facesynth, "evaluate": evaluate}[main].main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.rstrip().endswith(hint), err
+
+
+def test_every_verb_and_option_has_help(capsys):
+    """--help is for a person: every verb has a description, every option and argument a help text."""
+    for main, verbs in ((facesynth, ["train", "prepare", "synth", "ablation", "bench", "reenact"]),
+                        (evaluate, ["heatmaps", "grid", "losses", "metrics"])):
+        for verb in verbs:
+            with pytest.raises(SystemExit):
+                main.main([verb, "--help"])
+            text = capsys.readouterr().out
+            about = text.split("\n\n")[1]
+            assert len(about) > 30 and not re.search(r"\bargs\b|\bdict\b", about), (verb, about)
+            entries = re.split(r"\n  (?=-|[a-z])", "\n" + text.split("\n\n", 2)[2])[1:]
+            helps = {e.split()[0]: e.partition("  ")[2].strip() for e in entries}
+            bare = [o for o, h in helps.items() if not h or h.startswith("(default")]
+            assert not bare, (verb, bare)
 
 
 def test_help_shows_defaults(capsys):

@@ -3,6 +3,8 @@
     synthetic.py   talking heads drawn from their 68 landmarks: the built-in dataset and exact ground truths
     landmarks.py   automatic 68-point landmarks for own photos and videos (the optional dlib extra)
     reenact.py     reenact's sources and drivers in every format, retargeting, generation for a whole driver
+    figures.py     the drawing kit written by hand (no matplotlib): PNG writer, viridis, labelled tiles, axes
 
-They import the top level's data.py (and reenact.py networks.py); data.py and losses.py import nothing here.
+They import the top level's data.py (and reenact.py networks.py); figures.py imports nothing of the project;
+data.py and losses.py import nothing here.
 """

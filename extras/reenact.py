@@ -19,7 +19,8 @@ from PIL import Image, ImageOps
 from data import (CROP_SCALE, N_LANDMARKS, DataError, crop_box, crop_face, decode, face_size, heatmap_picture,
                   is_video, number, outside, read_pts, read_prepared, read_video, to_uint8, writable,
                   write_video)
-from evaluate import flicker, label_strip, write_png
+from evaluate import flicker
+from extras.figures import label_strip, write_png
 from extras import landmarks, synthetic
 from networks import generate, load_generator, pick_device
 
@@ -28,7 +29,8 @@ REENACT_FPS = 25
 REENACT_HEIGHT = 256  # without --zoom, panels are enlarged to about this many pixels
 REENACT_ZOOM_MAX = 16  # the video is built in memory: 100 frames of 4 x 64 px panels x 16 take 1.3 GB
 # the video's panels in evaluate.COLUMNS' order, each labelled on every frame
-PANELS = {"source": "source", "landmarks": "driver landmarks", "generated": "generated", "driver": "driver (target)"}
+PANELS = {"source": "source", "landmarks": "driver landmarks", "generated": "generated",
+          "driver": "driver (target)"}
 
 
 def retarget(src_lm, drv_lms, neutral=0):
@@ -236,7 +238,7 @@ def make_video(args):
     if not 0 <= args["neutral"] < T:
         raise DataError(f"{args['driver']}: --neutral {args['neutral']} is not one of its {T} frames")
     p = drive(G, run, src, drv, relative, args["neutral"], crop_scale)
-    names = [k for k in ("source", "landmarks", "generated", "driver") if k in p]  # in evaluate's COLUMNS order
+    names = [k for k in PANELS if k in p]
     heads = [PANELS[k] for k in names]
     zoom = args["zoom"] or max(1, REENACT_HEIGHT // run["args"]["size"])  # 64-px panels are too small to see
     video = np.concatenate([p[k] for k in names], axis=2).repeat(zoom, 1).repeat(zoom, 2)
@@ -281,7 +283,7 @@ def add_options(p):
                    help="driver frame whose expression is the source's (relative)")
     p.add_argument("--frames", type=number(), help=f"use the first N driver frames (synthetic: default "
                    f"{REENACT_FRAMES})")
-    p.add_argument("--fps", type=number(float, 0, above=True), default=REENACT_FPS, help="of the video written")
+    p.add_argument("--fps", type=number(float, 0, above=True), default=REENACT_FPS, help="of the video")
     p.add_argument("--zoom", type=number(high=REENACT_ZOOM_MAX),
                    help=f"enlarge the panels K times, nearest neighbour (default: "
                    f"to about {REENACT_HEIGHT} px high)")

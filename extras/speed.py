@@ -131,6 +131,8 @@ def bench(args, step, models, cache, schedule):
             print(f"  {k:24s} {v}")
     print("  G's gradient of each lambda_k L_k, fast vs plain (relative):  " +
           "  ".join(f"{k} {v:.2g}" for k, v in res["fast_vs_plain_grad_rel_by_term"].items()))
-    print(f"  {f'paper schedule ({schedule / 1e3:.1f}k)':24s} {paper // 60:.0f}m{paper % 60:02.0f}s of steps")
+    print(f"  {f'paper schedule ({schedule / 1e3:.1f}k)':24s} {data.clock(paper)} of steps")
+    print(f"  {f'--steps 200 (batch {B})':24s} {data.clock(200 * B / res['triplets_per_s'])} of steps "
+          "(a first run; a busy host takes longer)")
     print(json.dumps(res))
     return res

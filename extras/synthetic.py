@@ -19,8 +19,8 @@ import imageio
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data import (CROP_SCALE, MIRROR, N_LANDMARKS, DataError, WriteError, crop_face, number, pool_map, progress,
-                  save_prepared, why_not, write_json)
+from data import (CROP_SCALE, MIRROR, N_LANDMARKS, DataError, WriteError, crop_face, number, pool_map,
+                  progress, save_prepared, why_not, write_json)
 
 SYNTH_VIDEOS = (50, 31, 19, 14)  # train/test1/test2/test3, the sizes of 300VW's split
 SYNTH_FRAMES = 200               # 8 s at 25 fps a video; 114 videos = 22.8k frames
@@ -395,7 +395,7 @@ def leak_score(gen, bare, worn):
 def add_options(p):
     """`facesynth.py synth`'s options."""
     p.add_argument("out", help="folder for the videos: NNN/vid.avi, NNN/annot/*.pts, NNN/params.json")
-    p.add_argument("--seed", type=number(int, 0), default=0, help="the identities and their motion follow from it")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="the identities and motion follow from it")
     p.add_argument("--videos", type=number(int, 0), nargs=4, default=list(SYNTH_VIDEOS),
                    metavar=("TRAIN", "T1", "T2", "T3"), help="videos per split (300VW's sizes)")
     p.add_argument("--frames", type=number(int, 3), default=SYNTH_FRAMES, help="frames per video")
