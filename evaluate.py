@@ -284,7 +284,8 @@ def read_log(run_dir):
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"{run_dir}: cannot read log.csv / config.json ({type(e).__name__}: {e})") from None
     if not rows:
-        raise DataError(f"{run_dir}/log.csv: no rows yet")
+        raise DataError(f"{run_dir}/log.csv: no rows yet (the run stopped before its first step ended); "
+                        "train it again")
     return col("step"), curves
 
 
