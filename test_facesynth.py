@@ -1930,7 +1930,8 @@ def test_one_frame_videos_are_left_out_of_pairs_and_flicker(setup, monkeypatch):
 def test_metrics_table_with_cis_and_judge_skipped(setup, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "dlib", None)  # as if dlib were not installed
     root, runs = setup
-    m = evaluate.metrics([str(r) for r in runs], n_pairs=12)
+    assert evaluate.metrics([str(runs[0])], n_pairs=2)["judge"] == "off (--judge N)"  # unless asked for
+    m = evaluate.metrics([str(r) for r in runs], n_pairs=12, judge=12)
     assert m["split"] == "test2" and m["judge"].startswith("skipped")
     for r in runs:
         summ = m["runs"][str(r)]["summary"]
