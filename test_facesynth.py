@@ -2000,6 +2000,11 @@ def test_cli_errors(setup, tmp_path, capsys, monkeypatch):
             evaluate.main([cmd])
         assert "no trained run under runs/ yet: train one first (python facesynth.py train" in \
             capsys.readouterr().err
+    # without --runs, the run whose checkpoint was written last, ablation runs included
+    fresh = tmp_path / "fresh" / "runs"
+    make_run(fresh / "a" / "s0", root), os.utime(make_run(fresh / "old", root) / "ckpt.pt", (1e9, 1e9))
+    assert evaluate.latest_run() == [os.path.join("runs", "a", "s0")]
+    shutil.rmtree(tmp_path / "fresh" / "runs")
     # every run is checked before any is scored: a typo in the last one costs nothing
     with pytest.raises(SystemExit):
         evaluate.main(["metrics", "--runs", str(runs[0]), str(tmp_path / "typo")])
