@@ -1228,7 +1228,8 @@ def test_training_writes_outputs_and_lowers_pixel_loss(blobs, tmp_path):
     assert sorted(os.listdir(os.path.join(out, "samples"))) == ["step_000001.png", "step_000020.png", "step_000040.png"]
     # Every grid shows the same held-out pairs: sources and targets are frames of the one test video (002),
     # scaled 4x to 128-px cells under an 18-px row of labels; only the generated column changes.
-    first, last = (np.asarray(Image.open(os.path.join(out, "samples", f"step_0000{s}.png"))) for s in "01 40".split())
+    grids = [os.path.join(out, "samples", f"step_0000{s}.png") for s in ("01", "40")]
+    first, last = (np.asarray(Image.open(g)) for g in grids)
     assert first.shape == (18 + 4 * 128, 4 * 128, 3)
     assert (first[:18, :, 0] < 100).any(axis=0).reshape(4, 128).any(1).all()  # a label over every column
     test_frames = np.load(os.path.join(blobs, "002", "frames.npy"))
@@ -1953,8 +1954,15 @@ def test_figures(setup, tmp_path):
     with Image.open(path) as im:
         assert im.width == 7 * 128 and im.height > 3 * 128  # source, landmarks, 2 generated, target, 2 errors
     assert len(os.listdir(os.path.join(out, "heatmaps"))) == 6
+    test2 = json.load(open(root / "split.json"))["test2"]
+    frames = np.concatenate([np.load(root / v / "frames.npy") for v in test2])
     for p in evaluate.grid_figures([str(runs[0])], out, n=2):
-        assert Image.open(p).size == (4 * 128, 18 + 2 * 128)  # source, target landmarks, generated, target
+        grid = np.asarray(Image.open(p))
+        assert grid.shape == (18 + 2 * 128, 4 * 128, 3)  # source, target landmarks, generated, target
+        tile = lambda r, c: grid[18 + r * 128:18 + (r + 1) * 128:4, c * 128:(c + 1) * 128:4]  # back to 32 px
+        assert all(any(np.array_equal(tile(r, c), f) for f in frames) for r in (0, 1) for c in (0, 3))
+        grey = lambda t: (t == t[..., :1]).all()
+        assert grey(tile(0, 1)) and not grey(tile(0, 2))  # the landmark picture is grey, G's drawing is not
     for p in evaluate.loss_figures([str(r) for r in runs], out):
         with Image.open(p) as im:
             assert im.size == (2 * 380, 280) and len(np.unique(np.asarray(im).reshape(-1, 3), axis=0)) > 5

@@ -32,7 +32,8 @@ def write_png(path, img):
     img = np.ascontiguousarray(img, dtype=np.uint8)
     h, w = img.shape[:2]
     rows = np.concatenate([np.zeros((h, 1), np.uint8), img.reshape(h, -1)], axis=1)
-    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body
+                                + struct.pack(">I", zlib.crc32(kind + body)))
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0 if img.ndim == 2 else 2, 0, 0, 0)  # depth 8, grey / RGB
     with writing(path) as tmp, open(tmp, "wb") as f:  # whole or not at all
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9))
@@ -71,7 +72,8 @@ def tile_figure(columns, labels, colorbar=None):
         y, w = 22 + cell * n, min(im.width - 40, 256)
         im.paste(Image.fromarray(np.repeat(viridis(np.linspace(0, 1, w))[None], 10, 0)), (20, y))
         for f, v in zip((0, .5, 1), (colorbar[0], sum(colorbar) / 2, colorbar[1])):
-            d.text((20 + f * (w - 1), y + 12), f"{v:g}" + "+" * (f == 1), fill="black", anchor="ma", font=FONT[11])
+            d.text((20 + f * (w - 1), y + 12), f"{v:g}" + "+" * (f == 1), fill="black", anchor="ma",
+                   font=FONT[11])
         d.text((w + 28, y), "|generated - target|, 0-255", fill="black", font=FONT[11])
     return np.asarray(im)
 
@@ -107,4 +109,5 @@ def axes(d, box, xr, yr, log=False, title="", xlabel="", ylabel="", xticks=True)
 def panels(n, w=380, h=280):
     """A white canvas for n plot panels, 4 to a row, and each panel's plotting box."""
     im = Image.new("RGB", (w * min(n, 4), h * math.ceil(n / 4)), "white")
-    return im, [(c * w + 70, r * h + 48, c * w + w - 15, r * h + h - 45) for r, c in (divmod(i, 4) for i in range(n))]
+    cells = (divmod(i, 4) for i in range(n))
+    return im, [(c * w + 70, r * h + 48, c * w + w - 15, r * h + h - 45) for r, c in cells]
