@@ -291,7 +291,8 @@ def train_run(args, run, ckpt):
                 print(f"step {done}/{total} epoch {done / per_epoch:.2f} {rate:.1f} triplets/s "
                       f"ETA {data.clock(eta)} | " +
                       " ".join(f"{t} {vals[t]:.4f}" for t in TERMS if t in vals) + f" | D {vals['D']:.4f}", flush=True)
-            if main_rank and (done == start + 1 or done % args["sample_every"] == 0 or done == total or stopping):
+            grid = done == start + 1 or done % args["sample_every"] == 0 or done == total or stopping
+            if main_rank and grid:
                 # the first one early: a glance that G draws faces at all
                 evaluate.sample_grid(G, pairs, args, os.path.join(out, "samples", f"step_{done:06d}.png"),
                                      done)

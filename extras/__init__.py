@@ -5,6 +5,5 @@
     reenact.py     reenact's sources and drivers in every format, retargeting, generation for a whole driver
     figures.py     the drawing kit written by hand (no matplotlib): PNG writer, viridis, labelled tiles, axes
 
-They import the top level's data.py (and reenact.py networks.py); figures.py imports nothing of the project;
-data.py and losses.py import nothing here.
+They import the top level's data.py (and reenact.py networks.py); data.py and losses.py import nothing here.
 """

@@ -1,5 +1,6 @@
 """The drawing kit of every figure, written by hand so that no matplotlib is needed: a PNG writer,
-the viridis colour map, labelled tiles of faces and plot axes. Imports only data.py (its whole-or-nothing writes).
+the viridis colour map, labelled tiles of faces and plot axes. Imports only data.py (for writes that
+land whole or not at all).
 """
 import math
 import struct
