@@ -2703,16 +2703,17 @@ def test_the_quick_start_runs_as_written(blobs, tmp_path, monkeypatch, capsys):
         if script == "facesynth.py" and argv[0] == "train" and "--steps" in argv:
             tiny = [w if argv[i - 1] != "--steps" else "2" for i, w in enumerate(argv)]
             facesynth.main(tiny + ["--data", blobs, *TINY_TRAIN])
+            run = argv[argv.index("--out") + 1]
         elif script == "evaluate.py":
             evaluate.main(argv + ([] if argv[0] == "losses" else ["--n", "2"]))
-            assert "--runs not given: the most recent run, runs/short" in capsys.readouterr().out
+            assert f"--runs not given: the most recent run, {run}" in capsys.readouterr().out
         else:
             continue
         ran.append(argv[0])
         for promised in re.findall(r"eval/\S+\.png", comment):
             assert os.path.isfile(promised), (line, promised)
     assert ran == ["train", "grid", "losses", "metrics"] and os.path.isfile("eval/metrics.md")
-    assert [int(r["step"]) for r in read_log("runs/short")] == [1, 2]
+    assert [int(r["step"]) for r in read_log(run)] == [1, 2]
 
 
 @pytest.mark.parametrize("main, argv, hint", [
