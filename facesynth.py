@@ -7,6 +7,7 @@
     python facesynth.py bench                  # speed of one training step vs the hardware
     python facesynth.py ablation               # the paper's loss ablations, with numbers
     python facesynth.py reenact --ckpt runs/X --source FACE --driver DRIVER --out a.mp4
+    python facesynth.py play --ckpt runs/X     # a page: drag a face's landmarks, watch G redraw it
 
 A generator G draws the source face I_s with the target landmarks e_t (as heatmaps):
 Î_t = G(I_s; e_t). A PatchGAN D judges (image, landmarks) pairs. One training step:
@@ -30,6 +31,7 @@ import losses
 import networks
 from data import DataError, fail
 import extras.landmarks
+import extras.play
 import extras.reenact
 import extras.speed
 import extras.synthetic
@@ -477,6 +479,7 @@ def main(argv=None):
     about = "drive a face with another video's landmarks: source | driver landmarks | generated | driver"
     extras.reenact.add_options(sub.add_parser("reenact", help="drive a face with another video's landmarks",
                                               description=about))
+    extras.play.add_options(sub.add_parser("play", help="a page: drag a face's landmarks, watch G redraw it"))
     args = parser.parse_args(argv)
     a = vars(args)
     verb = a.pop("verb")
@@ -500,6 +503,8 @@ def main(argv=None):
             bench(a)
         elif verb == "reenact":
             reenact(a)
+        elif verb == "play":
+            extras.play.serve(a)
 
 
 if __name__ == "__main__":

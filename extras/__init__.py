@@ -4,6 +4,7 @@
     landmarks.py   automatic 68-point landmarks for own photos and videos (the optional dlib extra)
     reenact.py     reenact's sources and drivers in every format, retargeting, generation for a whole driver
     figures.py     the drawing kit written by hand (no matplotlib): PNG writer, viridis, labelled tiles, axes
+    play.py        a local page (play.html) to drag a face's landmarks and watch G redraw it, and its server
 
 They import the top level's data.py (and reenact.py networks.py); data.py and losses.py import nothing here.
 """

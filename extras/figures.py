@@ -27,7 +27,7 @@ VIRIDIS = np.array([
 FONT = {s: ImageFont.load_default(size=s) for s in (10, 11, 13)}  # Pillow >= 10: scalable
 
 
-def write_png(path, img):
+def png_bytes(img):
     """8-bit grey (H,W) or RGB (H,W,3) -> PNG: signature, then IHDR, one zlib IDAT and IEND chunks,
     each length + type + data + CRC-32(type + data). Every row starts with filter byte 0 (none)."""
     img = np.ascontiguousarray(img, dtype=np.uint8)
@@ -36,9 +36,13 @@ def write_png(path, img):
     chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body
                                 + struct.pack(">I", zlib.crc32(kind + body)))
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0 if img.ndim == 2 else 2, 0, 0, 0)  # depth 8, grey / RGB
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9))
+            + chunk(b"IEND", b""))
+
+
+def write_png(path, img):
     with writing(path) as tmp, open(tmp, "wb") as f:  # whole or not at all
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9))
-                + chunk(b"IEND", b""))
+        f.write(png_bytes(img))
     return path
 
 
