@@ -1,10 +1,13 @@
 """facesynth's tests: run with `python -m pytest -q test_facesynth.py` (small images, tiny models)."""
 import argparse
+import base64
+import concurrent.futures
 import contextlib
 import copy
 import csv
 import functools
 import importlib.util
+import io
 import json
 import math
 import os
@@ -15,7 +18,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import zlib
 
 from PIL import Image
@@ -30,6 +37,7 @@ import torch.nn.functional as F
 import data
 import evaluate
 import extras.landmarks
+import extras.play
 import extras.reenact
 import extras.speed
 import extras.synthetic
@@ -2613,6 +2621,298 @@ def test_reenact_own_image_and_video_without_landmark_files(ckpt, astronaut, tmp
     # The source's landmarks, detected on the head alone, are the driver's first ones less the offset.
     src = extras.reenact.load_face(str(tmp_path / "me.png"))["lm"]
     assert np.abs(src - (extras.reenact.load_driver(vid)["lms"][0] - PATH[0])).max() < 3.0
+
+
+# ================================================================================================
+# play: the page's server over HTTP (always), and the page in a real browser (where one is installed)
+# ================================================================================================
+@pytest.fixture(scope="module")
+def play(synthetic):
+    """The play server on a free port, serving the tiny synthetic run: its test videos have ground truth."""
+    player = extras.play.Player(str(synthetic[1]), "cpu")
+    server = extras.play.listen(player, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", player, server
+    server.shutdown()
+    server.server_close()
+    player.latest.stop()
+
+
+def http(url, path, body=None, ctype="application/json"):
+    """(status, JSON or bytes) of one request; a 4xx/5xx is an answer too."""
+    raw = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+    req = urllib.request.Request(url + path, data=raw, headers={"Content-Type": ctype})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, out, kind = r.status, r.read(), r.headers["Content-Type"]
+    except urllib.error.HTTPError as e:
+        status, out, kind = e.code, e.read(), e.headers["Content-Type"]
+    return status, json.loads(out) if kind == "application/json" else out
+
+
+def picture(data_url):
+    assert data_url.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))))
+
+
+def g_by_hand(player, image, lm):
+    """G's face drawn here, straight from the network (not through networks.generate)."""
+    a = player.run["args"]
+    with torch.no_grad():
+        e = data.heatmaps(torch.as_tensor(lm[None], dtype=torch.float32), a["size"], a["sigma"], a["window"])
+        return data.to_uint8(player.G(data.to_tensor(image[None]), e))[0]
+
+
+def test_play_serves_the_page_and_the_run(play, synthetic):
+    url, _, _ = play
+    status, page = http(url, "/")
+    assert status == 200 and b"<canvas" in page and b"/api/draw" in page
+    assert not re.search(rb"""(src|href)=["']?(https?:)?//""", page)  # nothing from elsewhere: offline
+    status, info = http(url, "/api/info")
+    test1 = json.load(open(synthetic[0] / "split.json"))["test1"]
+    hint = f"uploads: automatic landmarks need dlib and its models: {extras.landmarks.DLIB_HINT}"
+    assert status == 200 and info["size"] == S and info["upload"] in (None, hint)
+    specs = [f"synthetic:{i}" for i in range(50, 60)] + [f"video:{n}" for n in test1]
+    assert [s["spec"] for s in info["sources"]] == specs
+    assert set(info["sliders"]) == {"open", "smile", "brow", "blink", "yaw", "pitch", "roll"}
+    assert info["sliders"]["yaw"]["trained"] == 30 and info["sliders"]["yaw"]["hi"] > 30  # and beyond it
+
+
+def test_play_draws_what_g_draws_with_the_truth_beside_it(play, synthetic):
+    url, player, _ = play
+    root = synthetic[0]
+    name = json.load(open(root / "split.json"))["test1"][0]
+    frames, marks = np.load(root / name / "frames.npy"), np.load(root / name / "landmarks.npy")
+    frame = json.load(open(root / name / "params.json"))["frames"][2]
+    status, src = http(url, "/api/source", {"source": f"video:{name}:2"})
+    assert status == 200 and src["synthetic"] and np.array_equal(picture(src["image"]), frames[2])
+    np.testing.assert_allclose(src["lm"], marks[2], atol=0.01)
+    part = lambda k: "pose" if k in ("yaw", "pitch", "roll") else "expression"
+    assert src["sliders"] == pytest.approx({k: frame[part(k)][k] for k in src["sliders"]})
+    status, out = http(url, "/api/draw", {"source": src["source"], "sliders": src["sliders"]})
+    assert status == 200 and not out.get("superseded")
+    gen, truth = picture(out["image"]), picture(out["truth"])
+    assert np.abs(gen.astype(int) - g_by_hand(player, frames[2], np.float32(out["lm"]))).max() <= 1
+    prep = json.load(open(root / "prepare.json"))
+    identity = json.load(open(root / name / "params.json"))["identity"]
+    assert np.array_equal(truth, extras.synthetic.render_crop(identity, frame, prep)[0])  # the frame, unmoved
+    assert np.array_equal(picture(out["error"]), evaluate.error_heatmap(gen, truth))
+    assert out["l1"] == pytest.approx(np.abs(gen.astype(float) - truth).mean())
+    # a drag: G gets the moved point, the sliders' landmarks stay, and a dragged face has no truth to compare
+    off = np.zeros((68, 2))
+    off[57] = (3, 2)
+    status, moved = http(url, "/api/draw", {"source": src["source"], "sliders": src["sliders"],
+                                            "offsets": off.tolist(), "heatmaps": True})
+    assert status == 200 and moved["lm"] == out["lm"] and "truth" in moved and "error" not in moved
+    lm = np.float32(out["lm"]) + off
+    assert np.abs(picture(moved["image"]).astype(int) - g_by_hand(player, frames[2], lm)).max() <= 1
+    x, y = np.round(lm[57]).astype(int)
+    assert picture(moved["heatmaps"])[y, x, 0] >= 255 * math.exp(-0.25) - 1  # within half a pixel of a peak
+
+
+def test_play_sliders_move_the_landmarks_as_the_talking_heads_move(play):
+    url, _, _ = play
+    status, src = http(url, "/api/source", {"source": "synthetic:50"})
+    lm0 = np.float32(src["lm"])
+    draw = lambda **s: np.float32(http(url, "/api/draw", {"source": "synthetic:50", "sliders": s})[1]["lm"])
+    angle = lambda lm: math.degrees(math.atan2(*(lm[45] - lm[36])[::-1]))  # the line through the eye corners
+    assert src["sliders"] == {k: 0 for k in src["sliders"]}  # synthetic:ID starts upright and neutral
+    assert angle(draw(roll=15)) - angle(lm0) == pytest.approx(15, abs=0.01)  # a roll turns the image plane
+    blink = draw(blink=1)
+    np.testing.assert_allclose(blink[[37, 38, 43, 44]], blink[[41, 40, 47, 46]], atol=1e-3)  # the lids meet
+    gap = lambda lm: lm[57, 1] - lm[51, 1]
+    assert gap(draw(open=1)) > gap(lm0) + 1  # the jaw drops
+    assert draw(yaw=20)[30, 0] > lm0[30, 0] + 1  # positive yaw turns the nose to image right
+
+
+@pytest.mark.parametrize("method, path, body, code, reason", [
+    ("GET", "/../../etc/passwd", None, 404, "no such page"),
+    ("GET", "/extras/play.py", None, 404, "no such page"),
+    ("POST", "/api/nope", {}, 404, "no such address"),
+    ("POST", "/api/draw", b"{not json", 400, "not JSON"),
+    ("POST", "/api/draw", [1, 2], 400, "expected a JSON object"),
+    ("POST", "/api/draw", {"sliders": {}}, 400, "source: expected a string"),
+    ("POST", "/api/draw", {"source": "video:../../etc/passwd:0"}, 404, "no such frame"),
+    ("POST", "/api/draw", {"source": "/etc/passwd"}, 400, "expected synthetic:ID, video:NAME:FRAME or"),
+    ("POST", "/api/draw", {"source": "upload:7"}, 404, "no such upload"),
+    ("POST", "/api/draw", {"source": "synthetic:50", "offsets": [[0, 0]] * 67}, 400, "offsets: expected 68"),
+    ("POST", "/api/draw", {"source": "synthetic:50", "offsets": [[float("nan"), 0]] * 68}, 400, "offsets"),
+    ("POST", "/api/draw", {"source": "synthetic:50", "sliders": {"yaw": 400}}, 400, "sliders.yaw: 400 is"),
+    ("POST", "/api/draw", {"source": "synthetic:50", "sliders": {"open": True}}, 400, "sliders.open"),
+    ("POST", "/api/draw", {"source": "synthetic:50", "sliders": {"age": 1}}, 400, "sliders: expected"),
+    ("POST", "/api/draw", {"source": "synthetic:50", "client": 5}, 400, "client: expected a string"),
+    ("POST", "/api/upload", b"not an image", 400, "not an image"),
+])
+def test_play_bad_requests_get_a_4xx_with_a_reason(play, method, path, body, code, reason):
+    url, _, _ = play
+    status, out = http(url, path, body if method == "POST" else None)
+    assert status == code and reason in out["error"] and "\n" not in out["error"], out
+    assert http(url, "/api/draw", {"source": "synthetic:51"})[0] == 200
+
+
+def raw_request(url, head):
+    """Send raw request head bytes, read the status line."""
+    host, port = urllib.parse.urlsplit(url).netloc.split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(head)
+        return s.makefile("rb").readline().split()[1]
+
+
+def test_play_bounds_size_rate_and_connections_and_survives_a_bug(play, monkeypatch):
+    url, player, server = play
+    assert raw_request(url, b"POST /api/draw HTTP/1.1\r\nHost: x\r\n\r\n") == b"411"  # no length
+    huge = b"POST /api/draw HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n"  # never sent
+    assert raw_request(url, huge) == b"413"
+    big = f"POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: {extras.play.MAX_UPLOAD + 1}\r\n\r\n"
+    assert raw_request(url, big.encode()) == b"413"
+    monkeypatch.setattr(extras.play, "RATE", 0)  # no refill: the burst is all a client gets
+    monkeypatch.setattr(extras.play, "BURST", 3)
+    server.buckets.clear()
+    assert [http(url, "/api/info")[0] for _ in range(4)] == [200, 200, 200, 429]
+    monkeypatch.undo()
+    server.buckets.clear()
+    taken = [server.slots.acquire(blocking=False) for _ in range(extras.play.MAX_CONNECTIONS)]
+    try:
+        assert all(taken) and raw_request(url, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == b"503"
+    finally:
+        for _ in taken:
+            server.slots.release()
+    monkeypatch.setattr(player.latest, "draw", lambda job: 1 / 0)  # a bug in drawing
+    status, out = http(url, "/api/draw", {"source": "synthetic:50"})
+    assert status == 500 and out["error"] == "internal error: ZeroDivisionError: division by zero"
+    monkeypatch.undo()
+    assert http(url, "/api/draw", {"source": "synthetic:50"})[0] == 200
+
+
+def test_latest_request_wins():
+    gate, busy, drawn = threading.Event(), threading.Event(), []
+    def draw(job):
+        if job == "first":
+            busy.set()
+            gate.wait()
+        drawn.append(job)
+        return job
+    latest, results = extras.play.Latest(draw), {}
+    def send(key, job):
+        t = threading.Thread(target=lambda: results.update({job: latest.submit(key, job)}))
+        t.start()
+        return t
+    threads = [send("a", "first")]
+    busy.wait()  # the worker is drawing "first"; what comes now waits
+    for key, job in (("a", "second"), ("b", "other"), ("a", "third")):
+        threads.append(send(key, job))
+        while not any(s["job"] == job for s in list(latest.waiting.values())):
+            threading.Event().wait(0.001)
+    assert [s["job"] for s in latest.waiting.values()] == ["other", "third"]  # "second" replaced, at the back
+    gate.set()
+    for t in threads:
+        t.join()
+    latest.stop()
+    assert drawn == ["first", "other", "third"] and results == {"first": "first", "second": None,
+                                                                "other": "other", "third": "third"}
+
+
+def test_play_concurrent_drags_are_coalesced(play):
+    url, player, _ = play
+    calls, draw = [], player.latest.draw
+    player.latest.draw = lambda job: calls.append(1) or draw(job)
+    try:
+        def drag(i):
+            off = np.zeros((68, 2))
+            off[57, 1] = i / 4
+            return http(url, "/api/draw", {"source": "synthetic:52", "client": "me", "offsets": off.tolist()})
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            info = pool.submit(http, url, "/api/info")
+            outs = list(pool.map(drag, range(12))) + [info.result()]
+    finally:
+        player.latest.draw = draw
+    assert all(status == 200 for status, _ in outs)
+    images = [o for _, o in outs[:12] if "image" in o]
+    assert images and len(images) + sum(bool(o.get("superseded")) for _, o in outs[:12]) == 12
+    assert len(calls) == len(images)  # what was superseded was never drawn
+
+
+def test_play_command_serves_until_ctrl_c(synthetic):
+    p = subprocess.Popen([sys.executable, "facesynth.py", "play", "--ckpt", str(synthetic[1]), "--port", "0",
+                          "--host", "0.0.0.0", "--device", "cpu"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    try:
+        line = p.stdout.readline()
+        port = re.search(r"http://0\.0\.0\.0:(\d+)/", line).group(1)
+        assert http(f"http://127.0.0.1:{port}", "/api/draw", {"source": "synthetic:50"})[0] == 200
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 0 and out.strip().endswith("play: stopped"), (line, out, err)
+    assert err.startswith("warning: --host 0.0.0.0: every machine that reaches this one can use the page")
+
+
+def test_play_bad_options_are_one_line(synthetic, tmp_path, capsys):
+    for argv, message in ((["--ckpt", str(tmp_path)], f"{tmp_path / 'ckpt.pt'}: no checkpoint there"),
+                          (["--ckpt", str(synthetic[1]), "--port", "99999"], "--port 99999: cannot listen")):
+        with pytest.raises(SystemExit) as e:
+            facesynth.main(["play", *argv, "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_play_without_dlib_says_what_to_install(play, astronaut, no_dlib):
+    status, out = http(play[0], "/api/upload", b"\x89PNG", "image/png")  # the photo is read first
+    assert status == 400
+    buf = io.BytesIO()
+    Image.fromarray(astronaut).save(buf, "PNG")
+    status, out = http(play[0], "/api/upload", buf.getvalue(), "image/png")
+    hint = f"uploads: automatic landmarks need dlib and its models: {extras.landmarks.DLIB_HINT}"
+    assert status == 501 and out["error"] == hint
+
+
+@needs_dlib
+def test_play_uploaded_photo_moves_as_the_reference_head(play, astronaut):
+    url = play[0]
+    buf = io.BytesIO()
+    Image.fromarray(astronaut).save(buf, "JPEG")
+    status, src = http(url, "/api/upload", buf.getvalue(), "image/jpeg")
+    assert status == 200 and not src["synthetic"] and src["source"].startswith("upload:")
+    lm0 = np.float32(src["lm"])
+    status, out = http(url, "/api/draw", {"source": src["source"], "sliders": {"open": 1}})
+    lm = np.float32(out["lm"])
+    assert status == 200 and "truth" not in out and lm[57, 1] - lm[51, 1] > lm0[57, 1] - lm0[51, 1] + 0.5
+    np.testing.assert_allclose(lm[17:48], lm0[17:48], atol=1e-3)  # brows, nose and eyes stay; the jaw drops
+
+
+def browser():
+    """Debian's chromium and chromium-driver, or None."""
+    found = [shutil.which(n) for n in ("chromium", "chromedriver")]
+    return found if all(found) else None
+
+
+@pytest.mark.skipif(browser() is None, reason="no headless browser: apt-get install chromium chromium-driver")
+def test_play_page_in_a_real_browser_redraws_on_a_drag(play):
+    webdriver = pytest.importorskip("selenium.webdriver")  # test-only: pip install selenium
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.ui import WebDriverWait
+    opts = webdriver.ChromeOptions()
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        opts.add_argument(a)  # root in a container: no sandbox; its /dev/shm is small
+    opts.binary_location = browser()[0]
+    d = webdriver.Chrome(options=opts, service=webdriver.ChromeService(browser()[1]))
+    try:
+        d.get(play[0] + "/")
+        shown = lambda: int(d.find_element("id", "gen").get_attribute("data-shown") or 0)
+        WebDriverWait(d, 60).until(lambda _: shown() >= 1)
+        before, n = d.find_element("id", "gen").get_attribute("src"), shown()
+        canvas = d.find_element("id", "face")
+        size, x, y = canvas.size["width"], *d.execute_script("return base[57]")  # the lower lip's middle
+        at = lambda v: int((v + 0.5) / S * size - size / 2)  # pixel centre -> offset from the canvas's centre
+        ActionChains(d).move_to_element_with_offset(canvas, at(x), at(y)).click_and_hold() \
+            .move_by_offset(0, 12).move_by_offset(0, 12).release().perform()
+        WebDriverWait(d, 60).until(lambda _: shown() > n and d.execute_script("return !inflight"))
+        assert d.execute_script("return off[57][1]") > 2 and d.execute_script("return off[50]") == [0, 0]
+        assert d.find_element("id", "gen").get_attribute("src") != before
+        print("\n" + d.find_element("id", "timing").text)
+    finally:
+        d.quit()
 
 
 # the command line: a bad option or file is one line `error: ...` naming it, never a traceback

@@ -177,9 +177,12 @@ class Player:
         if os.path.isfile(os.path.join(root, "split.json")):  # the run's own test videos, when they are here
             try:
                 self.prep = read_prepared(root)
+                if self.prep.get("size") != self.size:
+                    raise DataError(f"{root} holds {self.prep.get('size')} px faces, G draws {self.size} px")
                 self.split, videos = videos_of(root)
                 self.videos = {v["name"]: v for v in videos}
             except DataError as e:
+                self.prep = {}
                 print(f"note: only synthetic faces to start from: {e}")
         self.crop_scale = self.prep.get("crop_scale", CROP_SCALE)  # crop as the training set was cropped
         self.raw_size = self.prep.get("raw_size", synthetic.SYNTH_SIZE)
@@ -199,7 +202,7 @@ class Player:
         return {"ckpt": os.path.basename(os.path.normpath(self.ckpt)), "step": self.run["step"],
                 "size": self.size,
                 "params_G": self.run["params_G"], "sources": sources, "upload": self.upload_hint,
-                "error_scale": [VMIN, VMAX],
+                "error_scale": [VMIN, VMAX], "max_upload": MAX_UPLOAD,
                 "sliders": {k: {"lo": lo, "hi": hi, "trained": m} for k, (_, lo, hi, m) in SLIDERS.items()}}
 
     def synthetic_source(self, spec, identity, pose, expression, image=None):
