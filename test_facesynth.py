@@ -2708,6 +2708,16 @@ def test_play_draws_what_g_draws_with_the_truth_beside_it(play, synthetic):
     assert np.abs(picture(moved["image"]).astype(int) - g_by_hand(player, frames[2], lm)).max() <= 1
     x, y = np.round(lm[57]).astype(int)
     assert picture(moved["heatmaps"])[y, x, 0] >= 255 * math.exp(-0.25) - 1  # within half a pixel of a peak
+    # a head turn: the identity rendered turned, cut by the SOURCE's crop box (x0, y0, side), so the
+    # landmarks move within a still frame: u = (x + 0.5 - x0) * S / side - 0.5
+    turned = {**frame["pose"], "yaw": frame["pose"]["yaw"] + 10}
+    status, out = http(url, "/api/draw", {"source": src["source"],
+                                          "sliders": {**src["sliders"], "yaw": turned["yaw"]}})
+    render = lambda p: extras.synthetic.render_face(identity, p, frame["expression"], extras.synthetic.SYNTH_SIZE)
+    (img, full), box = render(turned), render(frame["pose"])[1]
+    x0, y0, side = data.crop_box(box)
+    np.testing.assert_allclose(out["lm"], (full + 0.5 - (x0, y0)) * S / side - 0.5, atol=1e-3)
+    assert np.array_equal(picture(out["truth"]), data.crop_face(img, box, S)[0])
 
 
 def test_play_sliders_move_the_landmarks_as_the_talking_heads_move(play):
@@ -2794,7 +2804,7 @@ def test_latest_request_wins():
         return job
     latest, results = extras.play.Latest(draw), {}
     def send(key, job):
-        t = threading.Thread(target=lambda: results.update({job: latest.submit(key, job)}))
+        t = threading.Thread(target=lambda: results.update({job: latest.submit(key, job)}), daemon=True)
         t.start()
         return t
     threads = [send("a", "first")]
@@ -2806,7 +2816,8 @@ def test_latest_request_wins():
     assert [s["job"] for s in latest.waiting.values()] == ["other", "third"]  # "second" replaced, at the back
     gate.set()
     for t in threads:
-        t.join()
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)  # every sender heard back, the replaced one too
     latest.stop()
     assert drawn == ["first", "other", "third"] and results == {"first": "first", "second": None,
                                                                 "other": "other", "third": "third"}
