@@ -329,6 +329,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     one line. Only the page and /api/ addresses exist; no request names a file."""
     server_version = "facesynth-play"
     protocol_version = "HTTP/1.1"  # keep-alive: a drag's requests share one connection
+    disable_nagle_algorithm = True  # else the body, sent after the headers, waits ~40 ms for their ACK
     timeout = TIMEOUT
 
     def log_message(self, fmt, *args):
