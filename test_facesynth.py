@@ -2713,7 +2713,8 @@ def test_play_draws_what_g_draws_with_the_truth_beside_it(play, synthetic):
     turned = {**frame["pose"], "yaw": frame["pose"]["yaw"] + 10}
     status, out = http(url, "/api/draw", {"source": src["source"],
                                           "sliders": {**src["sliders"], "yaw": turned["yaw"]}})
-    render = lambda p: extras.synthetic.render_face(identity, p, frame["expression"], extras.synthetic.SYNTH_SIZE)
+    size = extras.synthetic.SYNTH_SIZE
+    render = lambda p: extras.synthetic.render_face(identity, p, frame["expression"], size)
     (img, full), box = render(turned), render(frame["pose"])[1]
     x0, y0, side = data.crop_box(box)
     np.testing.assert_allclose(out["lm"], (full + 0.5 - (x0, y0)) * S / side - 0.5, atol=1e-3)
