@@ -289,9 +289,9 @@ def train_run(args, run, ckpt):
                 t_line, step_line, vals = now, done, {k: v.item() for k, v in terms.items()}
                 if measure or stopping:  # a stopped run's last row: the step its checkpoint holds
                     log_row(log_path, done, per_epoch, elapsed + now - t0, rate, vals, args)
-                eta = (total - done) * B / max(rate, 1e-9)
-                print(f"step {done}/{total} epoch {done / per_epoch:.2f} {rate:.1f} triplets/s "
-                      f"ETA {data.clock(eta)} | " +
+                eta = data.clock((total - done) * B / max(rate, 1e-9))
+                speed = f"{rate:.1f} triplets/s ETA {eta}" if done > start + 1 else "(speed, ETA: next line)"
+                print(f"step {done}/{total} epoch {done / per_epoch:.2f} {speed} | " +
                       " ".join(f"{t} {vals[t]:.4f}" for t in TERMS if t in vals) + f" | D {vals['D']:.4f}", flush=True)
             grid = done == start + 1 or done % args["sample_every"] == 0 or done == total or stopping
             if main_rank and grid:
