@@ -1,7 +1,7 @@
 """The paper's data, from files on disk to the tensors of a training step:
 
-    the one-line `error:` (DataError, fail, the argparse checks) and progress lines
-    the iBUG-68 layout and the 300VW split; .pts files; THE crop; video decoding and writing
+    DataError (one line naming the file and the fix), writes that land whole or not at all, progress lines
+    the iBUG-68 layout and the 300VW split; .pts files; THE crop; video decoding
     `prepare`: 300VW folders (or plain videos, given a landmark detector) -> a prepared dataset
     a prepared split: triplets, the batch feed, horizontal flips (the iBUG mirror), heatmaps
 
@@ -9,16 +9,12 @@ A prepared dataset is a folder of videos, each `NNN/frames.npy` (uint8, T x S x 
 `NNN/landmarks.npy` (float32, T x 68 x 2, x then y, 0-based crop pixels), plus `split.json` and
 `prepare.json`. Raw 300VW, plain videos and the synthetic set all end up in that one layout.
 """
-import argparse
 import contextlib
-import difflib
 import json
 import math
 import os
 import queue
-import re
 import shutil
-import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -78,100 +74,9 @@ def writing(path):
         raise
 
 
-def writable(path, folder=False):
-    """Checked before any computing: the file `path` (or the folder, with `folder`) can be written: the
-    nearest of it and the folders above that exists is a folder we may write."""
-    up = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(up):
-        up = os.path.dirname(up)
-    if not os.path.isdir(up) or not os.access(up, os.W_OK | os.X_OK):
-        why = "is a file, not a folder" if not os.path.isdir(up) else "is not writable"
-        raise WriteError(f"{path}: cannot write there ({up} {why})")
-    return path
-
-
 def write_json(path, value):
     with writing(path) as tmp, open(tmp, "w") as f:
         json.dump(value, f, indent=1)
-
-
-def fail(msg):
-    """A user-facing error: one line on stderr, exit status 2, no traceback."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-@contextlib.contextmanager
-def one_line_errors():
-    """A verb's expected failures as one `error:` line (fail): bad input, a NaN loss, a write that no
-    helper wraps (log.csv's rows on a full disk), running out of memory. Anything else is a bug and
-    keeps its traceback."""
-    try:
-        yield
-    except (DataError, FloatingPointError) as e:
-        fail(str(e))
-    except OSError as e:
-        fail(f"{e.filename or 'a file'}: {e.strerror or e}")
-    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError, or the CPU allocator's RuntimeError
-        if not isinstance(e, MemoryError) and "allocate" not in str(e):
-            raise
-        size = re.search(r"[Tt]ried to allocate ([\d.]+ ?[A-Za-z]+)", str(e))
-        fail(f"out of memory{f' (allocating {size[1]})' if size else ''}; use a smaller --batch-size, "
-             "--ngf or --ndf")
-
-
-class ArgParser(argparse.ArgumentParser):
-    """argparse with every option's default in --help, and its usage errors as the same one line
-    `error: ...` as every other error."""
-
-    def __init__(self, *a, **k):
-        super().__init__(*a, formatter_class=argparse.RawDescriptionHelpFormatter, **k)
-
-    def add_argument(self, *a, **k):
-        d = k.get("default")
-        shown = d is not None and d is not False and d not in ([], argparse.SUPPRESS)  # 0 is shown
-        if a[0].startswith("-") and shown and "default" not in k.get("help", ""):
-            k["help"] = (k.get("help", "") + " (default: %(default)s)").strip()  # read when --help prints
-        return super().add_argument(*a, **k)
-
-    def parse_known_args(self, args=None, namespace=None):
-        self.argv = sys.argv[1:] if args is None else list(args)  # error() looks for the verb in it
-        return super().parse_known_args(args, namespace)
-
-    def error(self, message):
-        fail(message + self.did_you_mean(message))
-
-    def did_you_mean(self, message):
-        """' (did you mean --batch-size?)' for a mistyped option or verb: the nearest of the parser's own
-        (difflib's ratio >= 0.6); argparse's suggest_on_error only arrives with Python 3.14."""
-        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
-        if choice:
-            words, names = [choice[1]], re.findall(r"'([^']*)'", choice[2])
-        else:  # an option no prefix of which is known, in the message or (a required one missing) the line
-            verbs = [a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)]
-            typed = next((vs[w] for vs in verbs for w in getattr(self, "argv", []) if w in vs), self)
-            names = [o for a in typed._actions for o in a.option_strings]
-            unknown = re.search(r"unrecognized arguments: (.*)", message)
-            words = [w.split("=")[0] for w in (unknown[1].split() if unknown else getattr(self, "argv", []))]
-            words = [w for w in words if w.startswith("--") and not any(n.startswith(w) for n in names)]
-        hits = [h[0] for w in words for h in [difflib.get_close_matches(w, names, 1)] if h]
-        return f" (did you mean {' '.join(hits)}?)" if hits else ""
-
-
-def number(kind=int, low=1, above=False, high=None):
-    """An argparse type: a finite `kind` (int or float) of at least `low`, or above it, and at most `high`
-    (where memory runs out long before)."""
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' * (kind is int)}number") from None
-        if not math.isfinite(v) or v < low or (above and v == low):
-            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {'above' if above else 'at least'} {low}")
-        if high is not None and v > high:
-            raise argparse.ArgumentTypeError(f"{text} is out of range: at most {high} (memory runs out)")
-        return v
-    return parse
 
 
 def progress(label, done, total, t0, unit="frames", extra=""):
@@ -288,18 +193,6 @@ def frame_count(vid):
         return round(meta["fps"] * meta["duration"])
     except Exception:  # decode() reports an unreadable video properly
         return 0
-
-
-def write_video(path, frames, fps):
-    """An .mp4 (H.264) or .gif, written whole or not at all (writing)."""
-    with writing(path) as tmp:
-        if path.lower().endswith(".gif"):  # Pillow's GIF writer takes milliseconds per frame
-            imageio.v3.imwrite(tmp, frames, duration=1000 / fps, loop=0)
-            return
-        with imageio.v2.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                                   ffmpeg_log_level="error") as video:
-            for f in frames:
-                video.append_data(f)
 
 
 def is_video(path):

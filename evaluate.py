@@ -23,7 +23,7 @@ from PIL import ImageDraw
 import data
 import networks
 from data import DataError, progress
-from extras import landmarks, synthetic
+from extras import cli, landmarks, synthetic
 from extras.figures import COLORS, FONT, axes, panels, tile_figure, viridis, write_png
 from losses import TERMS
 
@@ -434,7 +434,7 @@ def latest_run(root="runs"):
 
 
 def main(argv=None):
-    p = data.ArgParser(description=__doc__)
+    p = cli.ArgParser(description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     for cmd, about in (
             ("heatmaps", "Appendix B: each run's |generated - target| on the same held-out pairs"),
@@ -449,12 +449,12 @@ def main(argv=None):
         if cmd != "losses":
             s.add_argument("--data", help="prepared dataset (default: each run's own, from its config)")
             s.add_argument("--split", help="the pairs' split (default: the first test split with videos)")
-            s.add_argument("--n", type=data.number(), default=N_EVAL if cmd == "metrics" else N_FIGURE,
+            s.add_argument("--n", type=cli.number(), default=N_EVAL if cmd == "metrics" else N_FIGURE,
                            help="held-out source/target pairs")
-            s.add_argument("--seed", type=data.number(int, 0), default=SEED, help="pair-sampling seed")
+            s.add_argument("--seed", type=cli.number(int, 0), default=SEED, help="pair-sampling seed")
             s.add_argument("--device", default="cpu", help="cpu or cuda")
         if cmd == "metrics":
-            s.add_argument("--judge", type=data.number(int, 0), nargs="?", const=N_EVAL, default=0,
+            s.add_argument("--judge", type=cli.number(int, 0), nargs="?", const=N_EVAL, default=0,
                            metavar="N", help="also score the first N pairs (all without N) with dlib's face "
                            "judge: landmark error and identity distance, ~0.5 s a pair (the optional extra)")
         if cmd == "heatmaps":
@@ -463,7 +463,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         device = networks.pick_device(getattr(a, "device", "cpu"))
-        data.writable(a.out, folder=True)  # before any computing
+        cli.writable(a.out, folder=True)  # before any computing
         if a.cmd == "heatmaps" and not a.vmin < a.vmax:
             raise DataError(f"--vmin {a.vmin:g} --vmax {a.vmax:g}: the colour scale needs vmin < vmax")
         a.runs = a.runs or latest_run()
@@ -480,7 +480,7 @@ def main(argv=None):
             paths = ([heatmap_figure(a.runs, a.out, a.split, a.data, a.n, a.seed, device, a.vmin, a.vmax)]
                      if a.cmd == "heatmaps" else grid_figures(a.runs, a.out, a.split, a.data, a.n, a.seed, device))
     except DataError as e:
-        data.fail(str(e))
+        cli.fail(str(e))
     print("wrote " + ", ".join(paths))
 
 

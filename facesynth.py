@@ -29,7 +29,8 @@ import data
 import evaluate
 import losses
 import networks
-from data import DataError, fail
+from data import DataError
+import extras.cli as cli
 import extras.landmarks
 import extras.play
 import extras.reenact
@@ -388,8 +389,8 @@ def reenact(args):
 
 # ----------------------------------------------------------------------------- command line
 def add_train_options(p):
-    pos, nonneg, above0 = data.number(), data.number(int, 0), data.number(float, 0, above=True)
-    batch, width, depth = data.number(high=BATCH_MAX), data.number(high=WIDTH_MAX), data.number(high=8)
+    pos, nonneg, above0 = cli.number(), cli.number(int, 0), cli.number(float, 0, above=True)
+    batch, width, depth = cli.number(high=BATCH_MAX), cli.number(high=WIDTH_MAX), cli.number(high=8)
     p.add_argument("--data", help="prepared dataset (default: the built-in synthetic set, made once in data/synthetic/)")
     p.add_argument("--out", default=os.path.join("runs", "default"), help="run folder")
     p.add_argument("--resume", help="run folder or checkpoint to continue from")
@@ -404,9 +405,9 @@ def add_train_options(p):
     p.add_argument("--ndf", type=width, default=NDF, help="D width (paper: 32)")
     p.add_argument("--sigma", type=above0, default=data.SIGMA, help="heatmap Gaussian sigma in pixels")
     p.add_argument("--window", type=pos, default=data.WINDOW, help="heatmap window in pixels")
-    p.add_argument("--max-gap", type=data.number(int, 2), help="max frames between a triplet's ends (default: whole video)")
+    p.add_argument("--max-gap", type=cli.number(int, 2), help="max frames between a triplet's ends (default: whole video)")
     for t in TERMS:
-        p.add_argument(f"--lambda-{t}", type=data.number(float, 0), help=f"weight of L_{t} (paper: {losses.LAMBDAS[t]:g})")
+        p.add_argument(f"--lambda-{t}", type=cli.number(float, 0), help=f"weight of L_{t} (paper: {losses.LAMBDAS[t]:g})")
     p.add_argument("--ablate", action="append", default=[], choices=sorted(losses.GROUPS),
                    help="switch off a group of terms (repeatable): pix, consistency (self+triple), feature (pp+id)")
     p.add_argument("--vgg", help="torchvision VGG-19 state dict (vgg19-dcbb9e9d.pth), or 'random' to skip the lookup")
@@ -436,8 +437,8 @@ def given_options(parser, argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    pos = data.number()
-    parser = data.ArgParser(description=__doc__)
+    pos = cli.number()
+    parser = cli.ArgParser(description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
     p_train = sub.add_parser("train", help="train G and D (the paper's run)", description=TRAIN_ABOUT)
     add_train_options(p_train)
@@ -445,8 +446,8 @@ def main(argv=None):
     p = sub.add_parser("prepare", help=about, description=about)
     p.add_argument("src", help="300VW layout (NNN/vid.avi, NNN/annot/*.pts), or videos (landmarks detected)")
     p.add_argument("out", help="the prepared dataset to write (an interrupted run picks up where it stopped)")
-    p.add_argument("--size", type=data.number(int, 16), default=64, help="crop side in pixels")
-    p.add_argument("--crop-scale", type=data.number(float, 0, above=True), default=data.CROP_SCALE, help="crop side / landmark box side")
+    p.add_argument("--size", type=cli.number(int, 16), default=64, help="crop side in pixels")
+    p.add_argument("--crop-scale", type=cli.number(float, 0, above=True), default=data.CROP_SCALE, help="crop side / landmark box side")
     p.add_argument("--split-file", help="JSON {split: [video names]} instead of the official 300VW split "
                    "(plain videos: instead of holding out the last 20 %% by name as test1)")
     p.add_argument("--workers", type=pos, default=2, help="processes")
@@ -464,14 +465,14 @@ def main(argv=None):
     about = "time full training steps against the device's matmul peak, and predict the whole run's time"
     p = sub.add_parser("bench", help=about, description=about)
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--batch-size", type=data.number(high=BATCH_MAX), default=BATCH_SIZE,
+    p.add_argument("--batch-size", type=cli.number(high=BATCH_MAX), default=BATCH_SIZE,
                    help="triplets per step, as in train")
     p.add_argument("--steps", type=pos, default=10, help="timed steps")
-    p.add_argument("--warmup", type=data.number(int, 0), default=2, help="untimed steps first (allocation)")
-    p.add_argument("--size", type=data.number(int, 16), default=64, help="image size of random batches (a dataset has its own)")
-    p.add_argument("--ngf", type=data.number(high=WIDTH_MAX), default=NGF, help="as in train")
-    p.add_argument("--n-down", type=data.number(high=8), default=N_DOWN, help="as in train")
-    p.add_argument("--ndf", type=data.number(high=WIDTH_MAX), default=NDF, help="as in train")
+    p.add_argument("--warmup", type=cli.number(int, 0), default=2, help="untimed steps first (allocation)")
+    p.add_argument("--size", type=cli.number(int, 16), default=64, help="image size of random batches (a dataset has its own)")
+    p.add_argument("--ngf", type=cli.number(high=WIDTH_MAX), default=NGF, help="as in train")
+    p.add_argument("--n-down", type=cli.number(high=8), default=N_DOWN, help="as in train")
+    p.add_argument("--ndf", type=cli.number(high=WIDTH_MAX), default=NDF, help="as in train")
     p.add_argument("--vgg-widths", type=pos, nargs=5, metavar="C", help="narrower VGG block widths for smoke tests")
     add_compile_option(p)
     p.add_argument("--data", help="prepared dataset to draw the batch from (default: the built-in synthetic set "
@@ -483,21 +484,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
     a = vars(args)
     verb = a.pop("verb")
-    with data.one_line_errors():
+    with cli.one_line_errors():
         if verb == "train":
             train({**a, "_given": given_options(p_train, argv[1:])})
         elif verb == "prepare":
             summary = data.prepare(args.src, args.out, size=args.size, crop_scale=args.crop_scale, workers=args.workers,
                                    split_file=args.split_file, detector=extras.landmarks.video_detector)
             if summary["prepared"] + summary["existing"] == 0:
-                fail(f"{args.src}: no video could be prepared")
+                cli.fail(f"{args.src}: no video could be prepared")
             print(f"prepared dataset in {args.out}/")
         elif verb == "synth":
             extras.synthetic.synth(args.out, tuple(args.videos), args.frames, args.size, args.seed, args.workers)
             print(f"synthetic videos in {args.out}/ (prepare them with: facesynth.py prepare {args.out} OUT)")
         elif verb == "ablation":
             if a.pop("resume") or a["ablate"]:
-                fail("--resume/--ablate: ablation chooses --ablate itself and resumes unfinished runs on its own")
+                cli.fail("--resume/--ablate: ablation chooses --ablate itself and resumes unfinished runs on its own")
             ablation(a)
         elif verb == "bench":
             bench(a)

@@ -12,14 +12,15 @@ import itertools
 import math
 import os
 
+import imageio
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 from data import (CROP_SCALE, N_LANDMARKS, DataError, crop_box, crop_face, decode, face_size, heatmap_picture,
-                  is_video, number, outside, read_pts, read_prepared, read_video, to_uint8, writable,
-                  write_video)
+                  is_video, outside, read_pts, read_prepared, read_video, to_uint8, writing)
 from evaluate import flicker
+from extras.cli import number, writable
 from extras.figures import label_strip, write_png
 from extras import landmarks, synthetic
 from networks import generate, load_generator, pick_device
@@ -217,6 +218,18 @@ def drive(G, cfg, src, drv, relative, neutral=0, crop_scale=None):
                                      for t, (im, _) in enumerate(truth)])
         out["reference_name"] = "ground truth"
     return out
+
+
+def write_video(path, frames, fps):
+    """An .mp4 (H.264) or .gif, written whole or not at all (writing)."""
+    with writing(path) as tmp:
+        if path.lower().endswith(".gif"):  # Pillow's GIF writer takes milliseconds per frame
+            imageio.v3.imwrite(tmp, frames, duration=1000 / fps, loop=0)
+            return
+        with imageio.v2.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                                   ffmpeg_log_level="error") as video:
+            for f in frames:
+                video.append_data(f)
 
 
 def make_video(args):

@@ -19,8 +19,9 @@ import imageio
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data import (CROP_SCALE, MIRROR, N_LANDMARKS, DataError, WriteError, crop_face, number, pool_map,
-                  progress, save_prepared, why_not, write_json)
+from data import (CROP_SCALE, MIRROR, N_LANDMARKS, DataError, WriteError, crop_face, pool_map, progress,
+                  save_prepared, why_not, write_json)
+from extras.cli import number
 
 SYNTH_VIDEOS = (50, 31, 19, 14)  # train/test1/test2/test3, the sizes of 300VW's split
 SYNTH_FRAMES = 200               # 8 s at 25 fps a video; 114 videos = 22.8k frames
