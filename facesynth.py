@@ -462,13 +462,16 @@ def main(argv=None):
     p.add_argument("--seeds", type=pos, default=3, help="runs per ablation, seeds 0 .. N-1")
     p.add_argument("--single", action="store_true", help="also the six single-term ablations")
     p.add_argument("--split", help="test split to evaluate (default: the first with videos)")
-    about = "time full training steps against the device's matmul peak, and predict the whole run's time"
+    about = ("time full training steps against the device's dense peak (the best of a matmul and a "
+             "convolution, timed between the steps), and predict the whole run's time")
     p = sub.add_parser("bench", help=about, description=about)
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--batch-size", type=cli.number(high=BATCH_MAX), default=BATCH_SIZE,
                    help="triplets per step, as in train")
     p.add_argument("--steps", type=pos, default=10, help="timed steps")
     p.add_argument("--warmup", type=cli.number(int, 0), default=2, help="untimed steps first (allocation)")
+    p.add_argument("--rounds", type=pos, help="blocks of timed steps, each followed by the yardsticks "
+                   "(default: one per step; at most --steps)")
     p.add_argument("--size", type=cli.number(int, 16), default=64, help="image size of random batches (a dataset has its own)")
     p.add_argument("--ngf", type=cli.number(high=WIDTH_MAX), default=NGF, help="as in train")
     p.add_argument("--n-down", type=cli.number(high=8), default=N_DOWN, help="as in train")

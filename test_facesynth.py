@@ -32,6 +32,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 # 300VW .pts files, the crop, prepare
 import data
@@ -1604,6 +1605,9 @@ def test_bench_compares_fast_and_plain_per_term_on_a_real_batch(blobs, capsys):
     out = capsys.readouterr().out
     res = json.loads(out.strip().splitlines()[-1])
     assert res["batch"] == f"real ({blobs})" and res["batch_size"] == 2 and res["triplets_per_s"] > 0
+    # one timed step: one round, no spread; the yardstick is never below what the step reached
+    assert res["rounds"] == 1 and res["spread"] == 1.0 and 0 < res["utilization"] <= 1
+    assert res["peak_kind"] in ("matmul", "conv", "step") and res["peak_gflops"] >= res["achieved_gflops"]
     by_term = res["fast_vs_plain_grad_rel_by_term"]
     assert set(by_term) == set(losses.TERMS) and all(f"{t} {v:.2g}" in out for t, v in by_term.items())
     # on the CPU the fast path is fp32 as well: only the fused passes' summation order differs
@@ -1639,6 +1643,82 @@ def test_compiled_step_makes_its_graphs_once_and_matches_eager(blobs, monkeypatc
     assert graphs[1] > graphs[0] > 0 and graphs[2:] == [graphs[1]] * 3
     for eager, comp in zip(runs[False], runs[True]):
         assert eager.keys() == comp.keys() and all(torch.allclose(eager[k], comp[k], rtol=1e-4) for k in eager)
+
+
+class FakeClock:
+    """extras.speed's clock, advanced only by the work the test says each call costs."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    time = perf_counter
+
+
+def test_yardstick_rate_counts_whole_runs_over_the_clock(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(extras.speed, "time", clock)
+
+    def run():  # each run takes 0.1 s: 4 runs to pass 0.35 s, 1e9 FLOPs each -> 4e9 / 0.4 s = 10 GFLOP/s
+        clock.now += 0.1
+    assert extras.speed.rate(run, 1e9, 0.35, lambda: None) == pytest.approx(10.0)
+    assert extras.speed.rate(run, 1e9, 0.0, lambda: None) == pytest.approx(10.0)  # always at least one run
+
+
+def test_peak_rate_is_the_faster_yardstick_with_flops_counted_by_hand(monkeypatch):
+    monkeypatch.setattr(extras.speed, "MATMUL_N", 16)
+    monkeypatch.setattr(extras.speed, "CONV_SHAPE", (2, 8, 8))
+    # 2 FLOPs a multiply-add; the conv's backward (input and weight grads) is twice its forward
+    mm_flops, conv_flops = 2 * 16 ** 3, 3 * 2 * (2 * 8 * 8 * 8 * 8) * 9
+    sticks = extras.speed.yardsticks(torch.device("cpu"))
+    for name, flops in (("matmul", mm_flops), ("conv", conv_flops)):
+        with FlopCounterMode(display=False) as counter:
+            sticks[name][0]()
+        assert sticks[name][1] == flops == counter.get_total_flops()  # counted as bench counts the step
+    for rates, best in (({mm_flops: 205.0, conv_flops: 300.0}, (300.0, "conv")),
+                        ({mm_flops: 400.0, conv_flops: 300.0}, (400.0, "matmul"))):
+        monkeypatch.setattr(extras.speed, "rate", lambda run, flops, s, sync, rates=rates: rates[flops])
+        assert extras.speed.peak_rate(torch.device("cpu")) == best
+
+
+def test_bench_interleaves_step_blocks_with_the_yardsticks():
+    calls = []
+    sticks = {"matmul": (lambda: calls.append("matmul"), 1), "conv": (lambda: calls.append("conv"), 1)}
+    step_s, peaks = extras.speed.interleaved(lambda: calls.append("step"), sticks, 5, 2, 0.0, lambda: None,
+                                             log=lambda *a: None)
+    assert calls == ["step"] * 3 + ["matmul", "conv"] + ["step"] * 2 + ["matmul", "conv"]
+    assert len(step_s) == len(peaks) == 2 and all(set(p) == {"matmul", "conv"} for p in peaks)
+
+
+def test_verdict_takes_the_best_of_each_side_and_never_exceeds_the_peak():
+    v = extras.speed.verdict([100.0, 150.0, 120.0], [{"matmul": 200.0, "conv": 290.0},
+                                                     {"matmul": 205.0, "conv": 300.0},
+                                                     {"matmul": 150.0, "conv": 250.0}])
+    # best step 150 over the best yardstick, conv's 300; spread: the step's 150/100 beats the peak's 300/250
+    assert v == {"achieved_gflops": 150.0, "peak_gflops": 300.0, "peak_kind": "conv", "utilization": 0.5,
+                 "spread": 1.5, "busy": True}
+    v = extras.speed.verdict([280.0, 295.0], [{"matmul": 205.0, "conv": 250.0},
+                                              {"matmul": 200.0, "conv": 260.0}])
+    # a step above every yardstick is the peak itself: utilization 1, never 295/260
+    assert (v["peak_kind"], v["peak_gflops"], v["utilization"]) == ("step", 295.0, 1.0)
+    assert v["spread"] == pytest.approx(295 / 280) and not v["busy"]
+
+
+def test_bench_warns_when_the_rounds_spread(blobs, monkeypatch, capsys):
+    # two rounds, the second twice as slow (a busy host) and yardsticks far below the step's rate
+    monkeypatch.setattr(extras.speed, "CONV_SHAPE", (2, 8, 8))
+    monkeypatch.setattr(extras.speed, "interleaved", lambda one, sticks, steps, rounds, *a:
+                        ([1.0, 2.0], [{"matmul": 1e-6, "conv": 2e-6}, {"matmul": 1e-6, "conv": 1e-6}]))
+    facesynth.main(["bench", "--device", "cpu", "--data", blobs, "--batch-size", "2", "--steps", "2",
+                    "--warmup", "0", "--ngf", "8", "--ndf", "8", "--vgg-widths", "4", "4", "8", "8", "8"])
+    out = capsys.readouterr().out
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["rounds"] == 2 and res["step_ms"] == 1000.0 and res["triplets_per_s"] == 2.0
+    assert res["spread"] == 2.0 and "warning: the rounds differ by 2.00x" in out
+    assert res["peak_kind"] == "step" and res["utilization"] == 1.0
+    assert "the step outran every yardstick" in out
 
 
 TINY_NET = ["--ngf", "8", "--vgg", "random", "--vgg-widths", "4", "4", "8", "8", "8", "--device", "cpu"]

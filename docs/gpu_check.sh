@@ -19,7 +19,7 @@ if [ -n "${TINY:-}" ]; then
     SMALL=(--ngf 8 --ndf 8 --vgg-widths 4 4 8 8 8)
     SCHEDULE=(--steps 3 --batch-size 2 "${SMALL[@]}"); ABLATION=()
     BENCH=(--steps 1 --warmup 0 "${SMALL[@]}")
-    python -c "import data; data.ensure_synthetic('$DATA', n_frames=6, n_videos=(3, 2, 0, 0), raw_size=128)"
+    python -c "import extras.synthetic; extras.synthetic.ensure_synthetic('$DATA', n_frames=6, n_videos=(3, 2, 0, 0), raw_size=128)"
     DATA=$DATA/prepared
 else
     DEV=cuda; DATA=data/synthetic/prepared; SEEDS=3; BATCHES="16 256"
@@ -29,7 +29,7 @@ else
     # until batch 16 reaches the speed goal; ABLATION_BATCH=16 for the paper's own batch
     ABLATION=(--batch-size "${ABLATION_BATCH:-64}")
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/bench.txt"
-    python -c "import time, data; t = time.time(); data.ensure_synthetic(); print(f'synthetic set: {time.time() - t:.0f} s')" \
+    python -c "import time, extras.synthetic; t = time.time(); extras.synthetic.ensure_synthetic(); print(f'synthetic set: {time.time() - t:.0f} s')" \
         | tee -a "$OUT/bench.txt"
 fi
 for stage in "$@"; do

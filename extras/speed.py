@@ -14,6 +14,12 @@ import data
 import networks
 from losses import TERMS, lambdas
 
+# The CPU's yardsticks (fp32): a 2048² sgemm, and a 3x3 convolution of batch N, C -> C channels, S x S
+# pixels; shapes at which MKL and oneDNN run at their best on a 2-core AVX-512 CPU (docs/speed.md).
+MATMUL_N, CONV_SHAPE = 2048, (32, 256, 32)
+ROUNDS, STICK_SECONDS = 5, 0.5  # bench's interleaved rounds; seconds per yardstick per round
+BUSY_SPREAD = 1.3  # rounds further apart than this (max/min): the host is busy, the ratio uncertain
+
 
 def compile_models(modules, mode):
     """torch.compile each module with static shapes: a run's batch never changes, and dynamic=False
@@ -23,22 +29,92 @@ def compile_models(modules, mode):
     return [torch.compile(m, mode=mode, dynamic=False) for m in modules]
 
 
-def matmul_peak(device, seconds=1.0):
-    """The device's own dense-matmul rate in GFLOP/s (fp32 on the CPU, bf16 on CUDA): the yardstick
-    a training step's achieved rate is measured against, taken in the same process."""
-    n = 2048 if device.type == "cpu" else 8192
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = 0.0
-    for _ in range(3):
-        reps, t0 = 0, time.time()
-        while reps == 0 or time.time() - t0 < seconds / 3:
-            a @ b
-            reps += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        best = max(best, 2 * n ** 3 * reps / (time.time() - t0) / 1e9)
-    return best
+def yardsticks(device):
+    """The device's best dense rates, as workloads: name -> (run, FLOPs of one run). A large matmul
+    (fp32 on the CPU, bf16 on CUDA) and a large 3x3 convolution, forward and backward, in the same
+    dtype. Both count: MKL's sgemm runs well below the oneDNN convolutions on some x86 CPUs (AMD EPYC:
+    ~205 vs ~300 GFLOP/s on 2 cores), so the matmul alone is no peak there, and the convolution alone
+    none where the BLAS is the faster. FLOPs are counted as FlopCounterMode counts the step's:
+    2 per multiply-add; a convolution's backward is two more of its forward (input and weight grads)."""
+    cpu = device.type == "cpu"
+    dtype = torch.float32 if cpu else torch.bfloat16
+    n = MATMUL_N if cpu else 8192
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    N, C, S = CONV_SHAPE if cpu else (64, 512, 64)
+    conv = torch.nn.Conv2d(C, C, 3, 1, 1, bias=False).to(device, dtype)
+    x = torch.randn(N, C, S, S, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(N, C, S, S, device=device, dtype=dtype)
+
+    def conv_fwd_bwd():
+        conv(x).backward(dy)
+        x.grad = conv.weight.grad = None  # no accumulation: the same work every run
+
+    sticks = {"matmul": (lambda: a @ b, 2 * n ** 3), "conv": (conv_fwd_bwd, 3 * 2 * N * C * C * 9 * S * S)}
+    for run, _ in sticks.values():
+        run()  # the first call picks and builds the kernels: not part of any timing
+    return sticks
+
+
+def rate(run, flops, seconds, sync):
+    """GFLOP/s of `run` repeated for about `seconds` (at least once)."""
+    reps, t0 = 0, time.perf_counter()
+    while reps == 0 or time.perf_counter() - t0 < seconds:
+        run()
+        reps += 1
+        sync()
+    return flops * reps / (time.perf_counter() - t0) / 1e9
+
+
+def best_peak(peak_gflops):
+    """Rounds of yardstick rates ({name: GFLOP/s} each) -> (the fastest yardstick, its best rate)."""
+    return max(((k, max(p[k] for p in peak_gflops)) for k in peak_gflops[0]), key=lambda kv: kv[1])
+
+
+def verdict(step_gflops, peak_gflops):
+    """Interleaved rounds -> the numbers bench reports. step_gflops: the step's achieved GFLOP/s in
+    each round; peak_gflops: per round, each yardstick's GFLOP/s. The best of each side is the host's
+    quiet moment (a busy host only ever slows a round down), and the peak is the best of all
+    yardsticks. A step faster than every yardstick proves the machine can do more: the step is its
+    own yardstick then, so utilization stays <= 1, and peak_kind "step" says the yardsticks fell short.
+    spread: the larger max/min over rounds of the step's and the yardstick's rate; a busy host
+    moves it, and best-of-each may then pair moments unlike each other."""
+    kind, peak = best_peak(peak_gflops)
+    step = max(step_gflops)
+    if step > peak:
+        kind, peak = "step", step
+    spread = max(max(s) / min(s) for s in (step_gflops, [max(p.values()) for p in peak_gflops]))
+    return {"achieved_gflops": step, "peak_gflops": peak, "peak_kind": kind, "utilization": step / peak,
+            "spread": spread, "busy": spread > BUSY_SPREAD}
+
+
+def peak_rate(device, rounds=3, seconds=0.3):
+    """The device's dense peak in GFLOP/s and which yardstick reached it: the best of `rounds` short
+    runs of each (`yardsticks`). bench interleaves the same rounds with its steps instead."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sticks = yardsticks(device)
+    rounds = [{k: rate(run, f, seconds, sync) for k, (run, f) in sticks.items()} for _ in range(rounds)]
+    kind, peak = best_peak(rounds)
+    return peak, kind
+
+
+def interleaved(one, sticks, steps, rounds, seconds, sync, log=print):
+    """`steps` training steps (`one`) in `rounds` blocks, each block followed by a run of every
+    yardstick: on a shared host the load changes within seconds, and a step timed minutes away from
+    its yardstick measures another machine. Returns each block's seconds per step and each round's
+    yardstick rates."""
+    step_s, peaks, t0 = [], [], time.time()
+    for r in range(rounds):
+        n = steps // rounds + (r < steps % rounds)
+        t = time.perf_counter()
+        for _ in range(n):
+            one()
+        sync()
+        step_s.append((time.perf_counter() - t) / n)
+        peaks.append({k: rate(run, f, seconds, sync) for k, (run, f) in sticks.items()})
+        sticks_now = ", ".join(f"{k} {v:.0f}" for k, v in peaks[-1].items())
+        log(f"  round {r + 1}/{rounds}: {n} steps, {step_s[-1]:.2f} s each; yardsticks {sticks_now} GFLOP/s "
+            f"({time.time() - t0:.0f} s)")
+    return step_s, peaks
 
 
 def fast_vs_plain(step, models, args, device, b, lam, hm, amp):
@@ -83,6 +159,39 @@ def bench_batch(args, device, cache):
     return {k: v.to(device) for k, v in b.items()}, "random"
 
 
+def warm_up(one, steps, device, sync):
+    """`steps` untimed steps (at least one); returns the last one's peak memory in MiB (on the CPU the
+    process's peak RSS), taken before bench allocates its yardsticks."""
+    for i in range(max(steps, 1)):
+        if i == max(steps, 1) - 1 and device.type == "cuda":
+            sync()
+            torch.cuda.reset_peak_memory_stats()  # not the compiling steps' transient buffers
+        one()
+    sync()
+    return (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+
+
+def report(res, busy, schedule):
+    """bench's result as aligned lines, its caveats, then the whole as one JSON line (the last)."""
+    for k, v in res.items():
+        if k != "fast_vs_plain_grad_rel_by_term":
+            print(f"  {k:24s} {v}")
+    print("  G's gradient of each lambda_k L_k, fast vs plain (relative):  " +
+          "  ".join(f"{k} {v:.2g}" for k, v in res["fast_vs_plain_grad_rel_by_term"].items()))
+    paper, B = schedule / res["triplets_per_s"], res["batch_size"]
+    print(f"  {f'paper schedule ({schedule / 1e3:.1f}k)':24s} {data.clock(paper)} of steps")
+    print(f"  {f'--steps 200 (batch {B})':24s} {data.clock(200 * B / res['triplets_per_s'])} of steps "
+          "(a first run; a busy host takes longer)")
+    if res["peak_kind"] == "step":
+        print("note: the step outran every yardstick, so it is the peak itself (utilization 1): "
+              "extras/speed.py's yardstick shapes do not suit this device")
+    if busy:
+        print(f"warning: the rounds differ by {res['spread']:.2f}x (> {BUSY_SPREAD}): the host is busy and "
+              "the utilization uncertain; rerun when it is quieter, or with more --steps")
+    print(json.dumps(res))
+
+
 def bench(args, step, models, cache, schedule):
     """Time full training steps (G, D, all six terms, both optimiser steps) on one batch, against the
     device's own peak; `schedule` triplets (the paper's) give the time a whole run takes."""
@@ -101,38 +210,23 @@ def bench(args, step, models, cache, schedule):
     with FlopCounterMode(display=False) as counter:  # the eager step: the maths, not what a compiler fused
         step(G, D, vgg, opt_G, opt_D, b, lam, False, hm, amp=amp)
     gflop = counter.get_total_flops() / 1e9 / B
-    for _ in range(args["warmup"]):
-        one()
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    for i in range(args["steps"]):
-        one()
-        if device.type == "cpu":
-            data.progress("bench", i + 1, args["steps"], t0, unit="steps")
-    sync()
-    step_s = (time.time() - t0) / args["steps"]
-    mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
-    peak = matmul_peak(device)
+    mem = warm_up(one, args["warmup"], device, sync)
+    sticks = yardsticks(device)
+    rounds = min(args.get("rounds") or ROUNDS, args["steps"])
+    step_s, peaks = interleaved(one, sticks, args["steps"], rounds, STICK_SECONDS, sync)
+    del sticks
+    ratio = verdict([gflop * B / s for s in step_s], peaks)
     loss_diff, grad_diff = fast_vs_plain(step, models, args, device, b, lam, hm, amp)
+    step_s = min(step_s)
     res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
            "batch": batch_kind, "compile": args["compile"], "batch_size": B, "triplets_per_s": round(B / step_s, 2),
-           "gflop_per_triplet": round(gflop, 2),
-           "achieved_gflops": round(gflop * B / step_s, 1), "peak_gflops": round(peak, 1),
-           "utilization": round(gflop * B / step_s / peak, 3), "step_ms": round(step_s * 1e3, 1),
-           "peak_mem_mb": round(mem, 1), "fast_vs_plain_loss_rel": float(f"{loss_diff:.2g}"),
+           "gflop_per_triplet": round(gflop, 2), "achieved_gflops": round(ratio["achieved_gflops"], 1),
+           "peak_gflops": round(ratio["peak_gflops"], 1), "peak_kind": ratio["peak_kind"],
+           "utilization": round(ratio["utilization"], 3), "spread": round(ratio["spread"], 2),
+           "rounds": rounds,
+           "step_ms": round(step_s * 1e3, 1), "peak_mem_mb": round(mem, 1),
+           "fast_vs_plain_loss_rel": float(f"{loss_diff:.2g}"),
            "fast_vs_plain_grad_rel": float(f"{grad_diff['G']:.2g}"),
            "fast_vs_plain_grad_rel_by_term": {k: float(f"{v:.2g}") for k, v in grad_diff.items() if k != "G"}}
-    paper = schedule / res["triplets_per_s"]
-    for k, v in res.items():
-        if k != "fast_vs_plain_grad_rel_by_term":
-            print(f"  {k:24s} {v}")
-    print("  G's gradient of each lambda_k L_k, fast vs plain (relative):  " +
-          "  ".join(f"{k} {v:.2g}" for k, v in res["fast_vs_plain_grad_rel_by_term"].items()))
-    print(f"  {f'paper schedule ({schedule / 1e3:.1f}k)':24s} {data.clock(paper)} of steps")
-    print(f"  {f'--steps 200 (batch {B})':24s} {data.clock(200 * B / res['triplets_per_s'])} of steps "
-          "(a first run; a busy host takes longer)")
-    print(json.dumps(res))
+    report(res, ratio["busy"], schedule)
     return res
