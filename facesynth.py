@@ -163,14 +163,15 @@ def training_data(args, main_rank, world):
 
 def build_models(args, device, ckpt, log):
     """G, D, the frozen VGG (and where its weights came from), both Adam optimisers, and the step and
-    training seconds to start from: a checkpoint's, or 0. NCHW on CUDA too: the layout copies around
-    the norms cost more than channels_last saves in the convolutions (docs/speed.md)."""
+    training seconds to start from: a checkpoint's, or 0. G and D in NCHW; VGG in its device's fastest
+    layout (networks.to_layout: channels_last on the CPU)."""
     G = networks.build_generator(args).to(device)
     D = networks.Discriminator(ndf=args["ndf"]).to(device)
     again = ckpt and ckpt.get("vgg") == "random"  # the run's loss keeps its features, and its notice is said
     vgg, vgg_source = networks.load_vgg(losses.VGG_LAYERS, path="random" if again else args["vgg"],
                                         log=(lambda *a: None) if again else log,
                                         widths=args["vgg_widths"] or networks.VGG_WIDTHS)
+    vgg = networks.to_layout(vgg.to(device), device)
     opt_G = torch.optim.Adam(G.parameters(), lr=args["lr_g"], betas=BETAS)
     opt_D = torch.optim.Adam(D.parameters(), lr=args["lr_d"], betas=BETAS)
     start, elapsed = 0, 0.0
@@ -178,7 +179,7 @@ def build_models(args, device, ckpt, log):
         G.load_state_dict(ckpt["G"]), D.load_state_dict(ckpt["D"])
         opt_G.load_state_dict(ckpt["opt_G"]), opt_D.load_state_dict(ckpt["opt_D"])
         start, elapsed = ckpt["step"], ckpt.get("time", 0.0)
-    return G, D, vgg.to(device), vgg_source, opt_G, opt_D, start, elapsed
+    return G, D, vgg, vgg_source, opt_G, opt_D, start, elapsed
 
 
 def runnable(G, D, vgg, args, world, device, log):
@@ -330,6 +331,7 @@ def bench_models(args, device, seed=0):
     G = networks.build_generator(args).to(device)
     D = networks.Discriminator(ndf=args["ndf"]).to(device)
     vgg = networks.VGG19(losses.VGG_LAYERS, args["vgg_widths"] or networks.VGG_WIDTHS).to(device)
+    networks.to_layout(vgg, device)  # as train's
     opts = torch.optim.Adam(G.parameters(), lr=LR_G, betas=BETAS), torch.optim.Adam(D.parameters(), lr=LR_D, betas=BETAS)
     return G, D, vgg, opts
 

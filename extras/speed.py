@@ -17,7 +17,7 @@ from losses import TERMS, lambdas
 # The CPU's yardsticks (fp32): a 2048² sgemm, and a 3x3 convolution of batch N, C -> C channels, S x S
 # pixels; shapes at which MKL and oneDNN run at their best on a 2-core AVX-512 CPU (docs/speed.md).
 MATMUL_N, CONV_SHAPE = 2048, (32, 256, 32)
-ROUNDS, STICK_SECONDS = 5, 0.5  # bench's interleaved rounds; seconds per yardstick per round
+STICK_SECONDS = 0.5  # per yardstick per round: about one step's time, so both sides see the same load
 BUSY_SPREAD = 1.3  # rounds further apart than this (max/min): the host is busy, the ratio uncertain
 
 
@@ -41,9 +41,11 @@ def yardsticks(device):
     n = MATMUL_N if cpu else 8192
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     N, C, S = CONV_SHAPE if cpu else (64, 512, 64)
-    conv = torch.nn.Conv2d(C, C, 3, 1, 1, bias=False).to(device, dtype)
-    x = torch.randn(N, C, S, S, device=device, dtype=dtype, requires_grad=True)
-    dy = torch.randn(N, C, S, S, device=device, dtype=dtype)
+    # channels_last: the convolution libraries' native layout (oneDNN's on the CPU; NCHW costs reorders)
+    conv = torch.nn.Conv2d(C, C, 3, 1, 1, bias=False).to(device, dtype, memory_format=torch.channels_last)
+    x, dy = (torch.randn(N, C, S, S, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+             for _ in range(2))
+    x.requires_grad_()
 
     def conv_fwd_bwd():
         conv(x).backward(dy)
@@ -212,7 +214,7 @@ def bench(args, step, models, cache, schedule):
     gflop = counter.get_total_flops() / 1e9 / B
     mem = warm_up(one, args["warmup"], device, sync)
     sticks = yardsticks(device)
-    rounds = min(args.get("rounds") or ROUNDS, args["steps"])
+    rounds = min(args.get("rounds") or args["steps"], args["steps"])  # default: a round per step
     step_s, peaks = interleaved(one, sticks, args["steps"], rounds, STICK_SECONDS, sync)
     del sticks
     ratio = verdict([gflop * B / s for s in step_s], peaks)
