@@ -180,7 +180,8 @@ def decode(vid):
             with imageio.get_reader(vid, "ffmpeg") as reader:
                 yield from reader
     except Exception as e:  # ffmpeg's message is many lines; its first names the problem
-        raise DataError(f"{vid}: cannot decode ({(str(e).strip() or type(e).__name__).splitlines()[0]})") from None
+        raise DataError(f"{vid}: cannot decode "
+                        f"({(str(e).strip() or type(e).__name__).splitlines()[0]})") from None
 
 
 def frame_count(vid):
@@ -248,7 +249,8 @@ def _prepare_video(vdir, out, size, crop_scale, detect=None):
         if not found.any():
             raise DataError(f"{vid}: no face found in its {len(found)} frames")
         if not found.all():  # the last landmarks on a frame without a face would teach G a wrong face
-            warn.append(f"{name}: {vid}: no face found in {(~found).sum()} of {len(found)} frames; those are left out")
+            warn.append(f"{name}: {vid}: no face found in {(~found).sum()} of {len(found)} frames; "
+                        "those are left out")
         files = [vid] * len(lms)  # what a bad landmark set names
     else:
         name, annot, vid = os.path.basename(vdir), os.path.join(vdir, "annot"), os.path.join(vdir, "vid.avi")
@@ -262,13 +264,15 @@ def _prepare_video(vdir, out, size, crop_scale, detect=None):
         if n < len(files):  # a gap would shift every later annotation onto the wrong frame
             warn.append(f"{name}: {annot}: expected {n + 1:06d}.pts, found {files[n]}; using the first {n}")
         files = [os.path.join(annot, f) for f in files[:n]]
-        lms, found = np.stack([read_pts(f) for f in files]), np.ones(n, bool)  # all before decoding: fail fast
+        lms, found = (np.stack([read_pts(f) for f in files]),
+                      np.ones(n, bool))  # all before decoding: fail fast
         if not os.path.isfile(vid):
             raise DataError(f"{vid}: missing")
     frames, marks, t = [], [], 0
     for frame in decode(vid):
         if t == len(lms):
-            warn.append(f"{name}: {vid} has more frames than the {len(lms)} .pts files; using the first {len(lms)}")
+            warn.append(f"{name}: {vid} has more frames than the {len(lms)} .pts files; "
+                        f"using the first {len(lms)}")
             break
         if t == 0 and outside(lms, frame.shape).any():  # checked before crop_face allocates anything
             raise DataError(f"{files[int(np.argmax(outside(lms, frame.shape)))]}: a landmark lies more than "
@@ -363,7 +367,8 @@ def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None
                 raise DataError("no landmark detector was given")
             detect = detector()
         except DataError as e:
-            raise DataError(f"{src}: its {len(plain)} plain video(s) have no landmarks to read, and {e}") from None
+            raise DataError(f"{src}: its {len(plain)} plain video(s) have no landmarks to read, "
+                            f"and {e}") from None
     meta = {"size": size, "crop_scale": crop_scale, "source": os.path.abspath(src),
             "synthetic": any(os.path.isfile(os.path.join(src, d, "params.json")) for d in names)}
     try:
@@ -421,7 +426,7 @@ def _write_split(out, names, plain, split_src, mapping, log):
     return split
 
 
-# ----------------------------------------------------------------------------- heatmaps, triplets, the feed, flips
+# ------------------------------------------------------------------------ heatmaps, triplets, the feed, flips
 # Heatmaps. The paper: a Gaussian "applied over 7 pixels with a mean of 0 and a variance of 1/3".
 # Read literally (sigma^2 = 1/3 px^2) that is a one-pixel spike whose neighbours are 0.22: it gives
 # the generator almost no spatial gradient to follow. The original code drew sigma = 1 px at 128 px
@@ -470,7 +475,8 @@ def read_prepared(root):
     """prepare.json of a prepared dataset; a raw or missing folder is an error that says what to run."""
     meta = os.path.join(root, "prepare.json")
     if not os.path.isdir(root):
-        raise DataError(f"{root}: no such folder (--data takes a prepared dataset: facesynth.py prepare SRC {root})")
+        raise DataError(f"{root}: no such folder "
+                        f"(--data takes a prepared dataset: facesynth.py prepare SRC {root})")
     if not os.path.isfile(meta):
         raise DataError(f"{meta}: missing, so {root} is not a prepared dataset; prepare it first: "
                         f"python facesynth.py prepare {root} OUT, then --data OUT")
@@ -547,7 +553,8 @@ def batches(videos, args, start, total, rank=0, world=1, device=torch.device("cp
             for step in range(start, total):
                 epoch, i = divmod(step, per_epoch)
                 if epoch not in cache:  # one epoch's triplets: a pure function of (seed, epoch)
-                    cache = {epoch: sample_triplets(videos, per_epoch * B * world, args["seed"], epoch, args["max_gap"])}
+                    cache = {epoch: sample_triplets(videos, per_epoch * B * world, args["seed"], epoch,
+                                                    args["max_gap"])}
                 rows = cache[epoch][(i * world + rank) * B:(i * world + rank + 1) * B]
                 b = load_batch(videos, rows)
                 if device.type == "cuda":
@@ -580,7 +587,8 @@ def steps_per_epoch(args, world=1):
 
 def to_tensor(frames):
     """uint8 (B,S,S,3) -> float (B,3,S,S) in [-1, 1], on whatever device the frames are."""
-    frames = torch.as_tensor(np.array(frames) if isinstance(frames, np.ndarray) else frames)  # memmaps are read-only
+    frames = torch.as_tensor(np.array(frames) if isinstance(frames, np.ndarray)
+                             else frames)  # memmaps are read-only
     return frames.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 

@@ -57,7 +57,8 @@ def labels(run_dirs):
     """Short unique run names: the paths below their common folder (runs/abl/full/s0 -> full-s0)."""
     paths = [os.path.abspath(r) for r in run_dirs]
     base = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
-    return [os.path.relpath(p, base).replace(os.sep, "-") if p != base else os.path.basename(p) for p in paths]
+    return [os.path.relpath(p, base).replace(os.sep, "-") if p != base else os.path.basename(p)
+            for p in paths]
 
 
 _VIDEOS = {}
@@ -128,7 +129,8 @@ def ssim(a, b):
     mx, my = f(x), f(y)
     vx, vy, cxy = f(x * x) - mx ** 2, f(y * y) - my ** 2, f(x * y) - mx * my
     C1, C2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    return ((2 * mx * my + C1) * (2 * cxy + C2) / ((mx ** 2 + my ** 2 + C1) * (vx + vy + C2))).mean((1, 2, 3)).numpy()
+    return ((2 * mx * my + C1) * (2 * cxy + C2)
+            / ((mx ** 2 + my ** 2 + C1) * (vx + vy + C2))).mean((1, 2, 3)).numpy()
 
 
 def scores(gen, tgt, prefix=""):
@@ -137,7 +139,8 @@ def scores(gen, tgt, prefix=""):
     diff = gen.astype(np.float64) - tgt.astype(np.float64)
     mse = (diff ** 2).mean((1, 2, 3))
     psnr = 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))
-    return {prefix + "L1": np.abs(diff).mean((1, 2, 3)), prefix + "PSNR": psnr, prefix + "SSIM": ssim(gen, tgt)}
+    return {prefix + "L1": np.abs(diff).mean((1, 2, 3)), prefix + "PSNR": psnr,
+            prefix + "SSIM": ssim(gen, tgt)}
 
 
 def mean_ci(x):
@@ -146,7 +149,8 @@ def mean_ci(x):
     x, df = np.asarray(x, dtype=np.float64), len(x) - 1
     if df < 1:
         return [float(x.mean()) if len(x) else math.nan, math.nan, math.nan]
-    t = T975[df - 1] if df <= len(T975) else 1.959964 + 2.372271 / df + 2.822499 / df ** 2 + 2.555850 / df ** 3
+    t = (T975[df - 1] if df <= len(T975)
+         else 1.959964 + 2.372271 / df + 2.822499 / df ** 2 + 2.555850 / df ** 3)
     h = t * x.std(ddof=1) / math.sqrt(len(x))
     return [float(x.mean()), float(x.mean() - h), float(x.mean() + h)]
 
@@ -192,7 +196,8 @@ def metrics(run_dirs, split=None, data_root=None, n_pairs=N_EVAL, seed=SEED, dev
             # the paper's setting: the driver's own landmarks (B's face shape), against the same truth
             xabs = networks.generate(G, cfg, t["src"], t["drv_lm"], label=f"{tag} cross, driver's landmarks:")
             pairs.update(scores(xabs, t["img"], "xabs_"))
-            pairs.update({"leak_" + k: [synthetic.leak_score(x_gen[j], t["img"][j], worn) for j, worn in items]
+            pairs.update({"leak_" + k: [synthetic.leak_score(x_gen[j], t["img"][j], worn)
+                                        for j, worn in items]
                           for k, items in t["leak"].items() if items})
         pairs["flicker"], t1 = [], time.time()
         for k, v in enumerate(videos[:FLICKER_VIDEOS]):
@@ -294,14 +299,17 @@ def loss_figures(run_dirs, out):
     panel per run on one scale. Fig. 4: L_G and the weighted terms over training, moving-average
     smoothed, log scale, one scale. Returns the two PNG paths."""
     logs, names = [read_log(r) for r in run_dirs], labels(run_dirs)
-    ends = [[float(np.nanmean(c[t][-max(1, int(len(s) * TAIL)):])) if t in c else 0.0 for t in TERMS] for s, c in logs]
+    ends = [[float(np.nanmean(c[t][-max(1, int(len(s) * TAIL)):])) if t in c else 0.0 for t in TERMS]
+            for s, c in logs]
     im, boxes = panels(len(logs))
     d, top = ImageDraw.Draw(im), max(max(map(max, ends)), 1e-12) * 1.15
     for name, e, box in zip(names, ends, boxes):
-        fx, fy = axes(d, box, (0, len(TERMS)), (0, top), title=name, ylabel="lambda * L, end of training", xticks=False)
+        fx, fy = axes(d, box, (0, len(TERMS)), (0, top), title=name, ylabel="lambda * L, end of training",
+                      xticks=False)
         for i, (t, v) in enumerate(zip(TERMS, e)):
             d.rectangle([fx(i + 0.2), fy(v), fx(i + 0.8), fy(0)], fill=COLORS[i])
-            d.text((fx(i + 0.5), fy(v) - 2), f"{v:.3g}" if v else "off", fill="black", anchor="md", font=FONT[10])
+            d.text((fx(i + 0.5), fy(v) - 2), f"{v:.3g}" if v else "off", fill="black", anchor="md",
+                   font=FONT[10])
             d.text((fx(i + 0.5), box[3] + 6), t, fill="black", anchor="ma", font=FONT[11])
     bars = write_png(os.path.join(out, "loss_bars.png"), np.asarray(im))
     k = lambda y: max(1, len(y) // 20)  # smoothing window: a twentieth of the log
@@ -319,9 +327,11 @@ def loss_figures(run_dirs, out):
             d.line(pts, fill=colour(t), width=1 + (t == "L_G"))
             for px, py in pts if len(pts) < 3 else []:  # a line needs two points: a short log shows dots
                 d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour(t))
-        d.rectangle([box[2] - 64, box[1] + 2, box[2] - 2, box[1] + 6 + 12 * len(c)], fill="white", outline="grey")
+        d.rectangle([box[2] - 64, box[1] + 2, box[2] - 2, box[1] + 6 + 12 * len(c)], fill="white",
+                    outline="grey")
         for j, t in enumerate(c):  # the legend, on top of the curves
-            d.line([(box[2] - 60, box[1] + 10 + 12 * j), (box[2] - 45, box[1] + 10 + 12 * j)], fill=colour(t), width=2)
+            d.line([(box[2] - 60, box[1] + 10 + 12 * j), (box[2] - 45, box[1] + 10 + 12 * j)],
+                   fill=colour(t), width=2)
             d.text((box[2] - 42, box[1] + 10 + 12 * j), t, fill="black", anchor="lm", font=FONT[10])
     return bars, write_png(os.path.join(out, "loss_curves.png"), np.asarray(im))
 
@@ -385,17 +395,19 @@ def write_report(groups, out_dir, split=None, data_root=None, n_pairs=N_EVAL, se
     m = metrics(run_dirs, split, data_root, n_pairs, seed, device)
     runs, per_run = m["runs"], save_metrics(m, out_dir)
     if len({(r["data"], r["split"]) for r in runs.values()}) > 1:
-        raise DataError(f"{out_dir}: the runs were scored on different datasets; pass data_root= to compare them")
-    figures = [*loss_figures(run_dirs, out_dir), heatmap_figure([rs[0] for rs in groups.values()], out_dir, split,
-                                                                 data_root, seed=seed, device=device)]
+        raise DataError(f"{out_dir}: the runs were scored on different datasets; "
+                        "pass data_root= to compare them")
+    figures = [*loss_figures(run_dirs, out_dir), heatmap_figure([rs[0] for rs in groups.values()], out_dir,
+                                                                split, data_root, seed=seed, device=device)]
     keys = list(dict.fromkeys(k for r in runs.values() for k in r["summary"]))
     # A group's score: the mean over its seeds of each run's mean over pairs; its interval a t-interval
     # over seeds (the training randomness) with >= 2 seeds, else over the pairs of its one run.
     cell = lambda rs, k: fmt(mean_ci([runs[r]["summary"][k][0] for r in rs]) if len(rs) > 1
                              else runs[rs[0]]["summary"][k])
-    text = [f"# Ablation report\n\nSplit `{m['split']}`, {n_pairs} source/target pairs (seed {seed}), the same for "
-            f"every run; judge: {m['judge']}. L1: mean |generated - target|, 0-255 (lower is better); PSNR: dB; "
-            "SSIM: 11x11 Gaussian. Synthetic set: x_ = identity A driven by B's pose/expression vs its rendered "
+    text = [f"# Ablation report\n\nSplit `{m['split']}`, {n_pairs} source/target pairs (seed {seed}), the "
+            f"same for every run; judge: {m['judge']}. L1: mean |generated - target|, 0-255 (lower is "
+            "better); PSNR: dB; SSIM: 11x11 Gaussian. Synthetic set: x_ = identity A driven by B's "
+            "pose/expression vs its rendered "
             "truth, xabs_ = conditioned on B's own landmarks instead (the paper's use), leak_ = share of B's "
             "glasses/beard pixels copied onto A (lower is better; see extras/synthetic.py: leak_score).\n",
             "## Groups: mean over seeds [95 % t-interval over seeds; over pairs for a single seed]\n",
@@ -410,7 +422,8 @@ def write_report(groups, out_dir, split=None, data_root=None, n_pairs=N_EVAL, se
         others = [g for g in groups if g != "full"]
         diff = {(g, k): avg(groups[g], k) - avg(groups["full"], k) for g in others for k in keys}
         p = {gk: sign_flip_p(d) for gk, d in diff.items()}
-        rows = [[g] + [f"{diff[g, k].mean():+.3g} (p={p[g, k]:.2g})" + " *" * (p[g, k] < 0.05 / tests) for k in keys]
+        rows = [[g] + [f"{diff[g, k].mean():+.3g} (p={p[g, k]:.2g})" + " *" * (p[g, k] < 0.05 / tests)
+                       for k in keys]
                 for g in others]
         text += [f"\n## Differences from `full` (ablation - full, mean over pairs; p: paired sign-flip test, "
                  f"{N_PERM} flips, seeds averaged first; * = significant at 0.05 / {tests}, Bonferroni)\n",
@@ -478,7 +491,8 @@ def main(argv=None):
             paths = [os.path.join(a.out, f) for f in ("metrics.md", "metrics.csv", "metrics.json")]
         else:
             paths = ([heatmap_figure(a.runs, a.out, a.split, a.data, a.n, a.seed, device, a.vmin, a.vmax)]
-                     if a.cmd == "heatmaps" else grid_figures(a.runs, a.out, a.split, a.data, a.n, a.seed, device))
+                     if a.cmd == "heatmaps"
+                     else grid_figures(a.runs, a.out, a.split, a.data, a.n, a.seed, device))
     except DataError as e:
         cli.fail(str(e))
     print("wrote " + ", ".join(paths))

@@ -29,7 +29,8 @@ VGG_FILE = "vgg19-dcbb9e9d.pth"
 VGG_TIMEOUT = 5  # seconds; these machines are offline and must give up at once, not hang
 # torchvision's VGG-19 `features`: a number is a 3x3 conv (+ ReLU) with that many channels, "M" a
 # 2x2 max-pool. Building it in this order makes `features.N` the same N as in torchvision's keys.
-VGG_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
+VGG_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+           512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
 VGG_WIDTHS = (64, 128, 256, 512, 512)  # channels of the five blocks; tests pass small ones
 # index in `features` of the ReLU after each conv, as torchvision numbers its layers
 RELU = {"relu1_1": 1, "relu1_2": 3, "relu2_1": 6, "relu2_2": 8, "relu3_1": 11, "relu3_2": 13,
@@ -147,7 +148,8 @@ class Generator(nn.Module):
         # Symmetric up path: up block i doubles the resolution and returns down block i's width; it
         # reads the block below's output ⊕ down block i's (the skip), the innermost the bottleneck
         # alone. (pix2pix instead narrows to the next shallower width and makes its 4th up block the
-        # RGB output; that is 0.85 GFLOP/image at ngf 64 and 64 px, this is 1.9, the cost the paper's size implies.)
+        # RGB output; that is 0.85 GFLOP/image at ngf 64 and 64 px, this is 1.9, the cost the
+        # paper's size implies.)
         self.up = nn.ModuleList(
             nn.Sequential(nn.ConvTranspose2d(ch[i] + (ch[i + 1] if i < n_down - 1 else 0), ch[i], 4, 2, 1),
                           _norm(ch[i]), nn.ReLU()) for i in range(n_down - 1, -1, -1))
@@ -156,7 +158,8 @@ class Generator(nn.Module):
     def forward(self, image, heatmaps):
         s = image.shape[-1]
         if s % 2 ** self.n_down or s >> self.n_down < 2:
-            raise ValueError(f"image size {s} must be a multiple of 2^n_down = {2 ** self.n_down}, at least twice it")
+            raise ValueError(f"image size {s} must be a multiple of 2^n_down = {2 ** self.n_down}, "
+                             "at least twice it")
         x, skips = torch.cat([image, heatmaps], 1), []  # input = I_s ⊕ e_t (3 + 68 channels)
         for block in self.down:
             x = block(x)
@@ -225,7 +228,8 @@ class VGG19(nn.Module):
 
     def forward(self, x):
         """x: RGB in [-1, 1] -> {layer name: activation}."""
-        x = ((x + 1) / 2 - self.mean) / self.std  # ImageNet's input convention (the original fed BGR in [-1, 1])
+        x = ((x + 1) / 2 - self.mean) / self.std  # ImageNet's input convention (the original fed BGR
+                                                  # in [-1, 1])
         out, want = {}, {i: name for name, i in self.layers.items()}
         for i, m in enumerate(self.features):
             x = m(x)
@@ -272,7 +276,8 @@ def load_vgg(layers, path=None, log=print, widths=VGG_WIDTHS):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a missing, truncated or non-tensor file: say which one and why
-        raise DataError(f"{path}: cannot read VGG-19 weights ({type(e).__name__}: {e})".splitlines()[0]) from None
+        raise DataError(f"{path}: cannot read VGG-19 weights ({type(e).__name__}: {e})"
+                        .splitlines()[0]) from None
     if not isinstance(state, dict):
         raise DataError(f"{path}: not a state dict (got {type(state).__name__})")
     vgg.load(state, path)
@@ -485,7 +490,8 @@ def generate(G, cfg, src, lm, batch=32, label=None):
     if src.shape[1] != a["size"]:
         raise DataError(f"the images are {src.shape[1]} px, the run was trained at {a['size']} px")
     for i in range(0, len(src), batch):
-        e = heatmaps(torch.as_tensor(np.asarray(lm[i:i + batch]), device=dev), a["size"], a["sigma"], a["window"])
+        e = heatmaps(torch.as_tensor(np.asarray(lm[i:i + batch]), device=dev), a["size"], a["sigma"],
+                     a["window"])
         out.append(to_uint8(G(to_tensor(np.asarray(src[i:i + batch])).to(dev), e)))
         if label:
             progress(label, i + len(e), len(src), t0)

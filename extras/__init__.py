@@ -9,6 +9,6 @@
     figures.py     the drawing kit written by hand (no matplotlib): PNG writer, viridis, labelled tiles, axes
     play.py        a local page (play.html) to drag a face's landmarks and watch G redraw it, and its server
 
-They import data.py (reenact.py, play.py and speed.py also networks.py, reenact.py and play.py evaluate.py); data.py and
-losses.py import nothing here, and nothing imports facesynth.py.
+They import data.py (reenact.py, play.py and speed.py also networks.py, reenact.py and play.py evaluate.py);
+data.py and losses.py import nothing here, and nothing imports facesynth.py.
 """

@@ -98,7 +98,8 @@ def number(kind=int, low=1, above=False, high=None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' * (kind is int)}number") from None
         if not math.isfinite(v) or v < low or (above and v == low):
-            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {'above' if above else 'at least'} {low}")
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be "
+                                             f"{'above' if above else 'at least'} {low}")
         if high is not None and v > high:
             raise argparse.ArgumentTypeError(f"{text} is out of range: at most {high} (memory runs out)")
         return v

@@ -71,7 +71,8 @@ def landmark_detector():
         found, centre = [], lambda b: np.array([b[0] + b[2], b[1] + b[3]]) / 2
         if last is not None:
             c, side = (last.min(0) + last.max(0)) / 2, face_size(last)
-            box = tuple(int(round(v)) for v in np.r_[c - TRACK_WINDOW * side / 2, c + TRACK_WINDOW * side / 2])
+            box = tuple(int(round(v)) for v in np.r_[c - TRACK_WINDOW * side / 2,
+                                                     c + TRACK_WINDOW * side / 2])
             found = faces(image, box, TRACK_FACE / side, 0)
             found.sort(key=lambda f: np.linalg.norm(centre(f[0]) - c))  # the same person: the nearest
         if not found:  # the whole frame: HOG finds faces from 80 px, or 40 px when upsampled once
@@ -169,7 +170,8 @@ def judge_scores(gen, src, src_lm, tgt_lm, k=4, label=None):
     except DataError:
         return None
     predictor = dlib.shape_predictor(os.path.join(models, "shape_predictor_68_face_landmarks.dat"))
-    descriptor = dlib.face_recognition_model_v1(os.path.join(models, "dlib_face_recognition_resnet_model_v1.dat"))
+    descriptor = dlib.face_recognition_model_v1(os.path.join(models,
+                                                             "dlib_face_recognition_resnet_model_v1.dat"))
     up = lambda im: np.ascontiguousarray(Image.fromarray(im).resize((im.shape[1] * k,) * 2, Image.BICUBIC))
     box = lambda lm: dlib.rectangle(*(int(v) for v in np.r_[lm.min(0), lm.max(0) + 1] * k))
     desc = lambda im, lm: np.array(descriptor.compute_face_descriptor(im, predictor(im, box(lm))))

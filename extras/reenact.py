@@ -154,7 +154,8 @@ def load_face(spec, pts=None):
         if not t.isdigit():
             raise DataError(f"{spec}: expected synthetic:ID:FRAME with an integer FRAME")
         who, identity, motion = synthetic.identity_spec(spec, ident, int(t) + 1)
-        return dict(zip(("image", "lm"), synthetic.render_face(identity, *motion[-1])), who=who, identity=identity)
+        return dict(zip(("image", "lm"), synthetic.render_face(identity, *motion[-1])),
+                    who=who, identity=identity)
     if ":" in spec and not os.path.exists(spec):  # VIDEO:FRAME of a prepared, 300VW-layout or plain video
         folder, t = spec.rsplit(":", 1)
         drv = load_driver(folder, int(t) + 1) if t.isdigit() else {"lms": [], "frames": None}
@@ -246,7 +247,8 @@ def make_video(args):
     relative = not args["absolute"] and (args["relative"] or src["who"] != drv["who"])
     T = len(drv["lms"])
     if "no_face" in drv:  # a plain video, landmarks detected
-        print(f"{args['driver']}: no face found in {drv['no_face']} of {T} frames (they keep the last landmarks)"
+        print(f"{args['driver']}: no face found in {drv['no_face']} of {T} frames "
+              "(they keep the last landmarks)"
               if drv["no_face"] else f"{args['driver']}: a face found in all {T} frames")
     if not 0 <= args["neutral"] < T:
         raise DataError(f"{args['driver']}: --neutral {args['neutral']} is not one of its {T} frames")
@@ -271,8 +273,8 @@ def make_video(args):
     if "reference" in p:
         out["flicker_ref"] = flicker(p["reference"])
         out["flicker_ratio"] = out["flicker"] / out["flicker_ref"] if out["flicker_ref"] else math.nan
-        vs = (f", {p['reference_name']} {out['flicker_ref']:.2f}, ratio {out['flicker_ratio']:.2f} (1 = as steady "
-              f"as the {p['reference_name']})")
+        vs = (f", {p['reference_name']} {out['flicker_ref']:.2f}, ratio {out['flicker_ratio']:.2f} "
+              f"(1 = as steady as the {p['reference_name']})")
     print(f"flicker (mean |frame-to-frame change| of 255): generated {out['flicker']:.2f}{vs}")
     return out
 
@@ -289,9 +291,11 @@ def add_options(p):
     p.add_argument("--out", required=True, help="the video: .mp4 or .gif")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--absolute", action="store_true",
-                      help="the driver's landmarks as they are (the paper's setting; default for the same person)")
+                      help="the driver's landmarks as they are (the paper's setting; "
+                           "default for the same person)")
     mode.add_argument("--relative", action="store_true",
-                      help="the source's landmarks moved by the driver's motion (default for different people)")
+                      help="the source's landmarks moved by the driver's motion "
+                           "(default for different people)")
     p.add_argument("--neutral", type=number(int, 0), default=0,
                    help="driver frame whose expression is the source's (relative)")
     p.add_argument("--frames", type=number(), help=f"use the first N driver frames (synthetic: default "

@@ -79,7 +79,8 @@ def random_identity(rng):
             "brows": {"colour": _colour(rng, np.multiply(hair, .8)), "width": uniform(.04, .09)},
             "glasses": {"colour": _colour(rng, (40, 40, 40), 40), "roundness": uniform(.3, 1),
                         "width": uniform(.02, .04)} if rng.uniform() < .25 else None,  # one in four
-            "beard": {"style": str(rng.choice(list(BEARDS))), "colour": hair} if rng.uniform() < .25 else None,
+            "beard": {"style": str(rng.choice(list(BEARDS))),
+                      "colour": hair} if rng.uniform() < .25 else None,
             "clothes": _colour(rng, grey, 70),
             "background": {"colour": _colour(rng, grey, 60), "panel": _colour(rng, grey, 60),
                            "box": np.round(np.sort(rng.uniform(0, 1, (2, 2)), 0).ravel(), 4).tolist()}}
@@ -94,7 +95,8 @@ def _smooth(rng, n, period):
 def talking_motion(rng, n_frames):
     """Smooth head motion and expression: a list of (pose, expression) JSON-able dicts, one per frame."""
     n = n_frames
-    pose = {k: m * rng.uniform(.4, 1) * _smooth(rng, n, int(rng.integers(30, 80))) for k, m in MAX_POSE.items()}
+    pose = {k: m * rng.uniform(.4, 1) * _smooth(rng, n, int(rng.integers(30, 80)))
+            for k, m in MAX_POSE.items()}
     pose["tx"] = rng.uniform(-.1, .1) + .03 * _smooth(rng, n, 60)  # the face is not always centred
     pose["ty"] = rng.uniform(-.06, .06) + .02 * _smooth(rng, n, 60)
     pose["scale"] = rng.uniform(.16, .21) * (1 + .06 * _smooth(rng, n, 60))  # image fraction per unit
@@ -149,7 +151,8 @@ def _hull(p):
     def half(pts):
         h = []
         for x, y in pts:
-            while len(h) > 1 and (h[-1][0] - h[-2][0]) * (y - h[-2][1]) <= (h[-1][1] - h[-2][1]) * (x - h[-2][0]):
+            while len(h) > 1 and ((h[-1][0] - h[-2][0]) * (y - h[-2][1])
+                                  <= (h[-1][1] - h[-2][1]) * (x - h[-2][0])):
                 h.pop()
             h.append((x, y))
         return h[:-1]
@@ -170,13 +173,16 @@ def render_face(identity, pose, expression, size=SYNTH_SIZE):
     d = ImageDraw.Draw(img)
     colour = lambda c: tuple(int(v) for v in c)
     poly = lambda X, c: d.polygon(np.ravel(X).tolist(), fill=colour(c))
-    line = lambda X, c, w: d.line(np.ravel(X).tolist(), fill=colour(c), width=max(1, int(w * u)), joint="curve")
+    line = lambda X, c, w: d.line(np.ravel(X).tolist(), fill=colour(c), width=max(1, int(w * u)),
+                                  joint="curve")
     disc = lambda x, r, c: d.ellipse([*(x - r), *(x + r)], fill=colour(c))
-    d.rectangle(list(np.multiply(identity["background"]["box"], S)), fill=colour(identity["background"]["panel"]))
+    d.rectangle(list(np.multiply(identity["background"]["box"], S)),
+                fill=colour(identity["background"]["panel"]))
     if hair["style"] != "none":  # hair behind the head, down the back for long hair
         tail = proj(np.array([[-1.2, 1.5, -.6], [1.2, 1.5, -.6]]) * wx)[:2 * (hair["style"] == "long")]
         poly(_hull(np.vstack([skull(1.08, SPHERE[:, 1] < .3), tail])), hair["colour"])
-    d.ellipse([*(centre + (-1.9 * u, 1.8 * u)), *(centre + (1.9 * u, 3.6 * u))], fill=colour(identity["clothes"]))
+    d.ellipse([*(centre + (-1.9 * u, 1.8 * u)), *(centre + (1.9 * u, 3.6 * u))],
+              fill=colour(identity["clothes"]))
     neck = proj(np.array([[-.5, .4, -.45], [.5, .4, -.45]]) * wx)  # the body does not turn with the head
     poly(np.vstack([neck, centre + (.5 * u, 2 * u), centre + (-.5 * u, 2 * u)]), .85 * skin)
     ears = [proj(EAR * (side, 1, 1) * wx) for side in (-1, 1)]
@@ -228,7 +234,8 @@ def _synth_plan(seed, index, n_frames):
     can render in any order, in any process."""
     rng = np.random.default_rng([seed, index])
     identity, motion = random_identity(rng), talking_motion(rng, n_frames)
-    return identity, motion, {"identity": identity, "frames": [{"pose": p, "expression": e} for p, e in motion]}
+    return identity, motion, {"identity": identity,
+                              "frames": [{"pose": p, "expression": e} for p, e in motion]}
 
 
 def _synth_names(n_videos):
@@ -237,7 +244,8 @@ def _synth_names(n_videos):
         raise DataError(f"at most 999 synthetic videos (3-digit names), asked for {sum(n_videos)}")
     ends = np.cumsum(n_videos).tolist()
     names = [f"{i + 1:03d}" for i in range(ends[-1])]
-    return names, {k: names[a:b] for k, a, b in zip(("train", "test1", "test2", "test3"), [0] + ends[:-1], ends)}
+    return names, {k: names[a:b]
+                   for k, a, b in zip(("train", "test1", "test2", "test3"), [0] + ends[:-1], ends)}
 
 
 def _render_all(worker, jobs, n_frames, workers):
@@ -306,8 +314,8 @@ def synth(out, n_videos=SYNTH_VIDEOS, n_frames=SYNTH_FRAMES, size=SYNTH_SIZE, se
     return split
 
 
-def ensure_synthetic(cache=SYNTH_CACHE, seed=0, n_frames=SYNTH_FRAMES, n_videos=SYNTH_VIDEOS, raw_size=SYNTH_SIZE,
-                     size=64, crop_scale=CROP_SCALE, workers=None, log=print):
+def ensure_synthetic(cache=SYNTH_CACHE, seed=0, n_frames=SYNTH_FRAMES, n_videos=SYNTH_VIDEOS,
+                     raw_size=SYNTH_SIZE, size=64, crop_scale=CROP_SCALE, workers=None, log=print):
     """The default training data, built once into CACHE/prepared and reused afterwards. The frames are
     rendered and cropped straight into the prepared layout on every core (`workers`, default all): no
     video files, so no ffmpeg. synth + prepare make the same set through videos. Re-runnable: finished
@@ -323,8 +331,8 @@ def ensure_synthetic(cache=SYNTH_CACHE, seed=0, n_frames=SYNTH_FRAMES, n_videos=
     todo = [(prepared, i, n_frames, raw_size, size, crop_scale, seed) for i, name in enumerate(names)
             if not os.path.isdir(os.path.join(prepared, name))]
     workers = workers or os.cpu_count()
-    log(f"synthetic set: rendering {len(todo)} of {len(names)} videos ({n_frames} frames, {raw_size} px, cropped "
-        f"to {size}) into {prepared} on {workers} processes")
+    log(f"synthetic set: rendering {len(todo)} of {len(names)} videos ({n_frames} frames, {raw_size} px, "
+        f"cropped to {size}) into {prepared} on {workers} processes")
     _render_all(_synth_prepared, todo, n_frames, workers)
     write_json(os.path.join(prepared, "split.json"), split)
     return prepared
@@ -379,7 +387,8 @@ def cross_targets(root, split, videos, n, seed=0, label=None):
                     t["leak"][k].append((i, render_crop({**A, k: B[k]}, fb, prep)[0]))
             if label and (i % 10 == 9 or i == n - 1):
                 progress(label, i + 1, n, t0, unit="pairs")
-        _TARGETS[root, split, n, seed] = {k: v if k in ("pairs", "leak") else np.stack(v) for k, v in t.items()}
+        _TARGETS[root, split, n, seed] = {k: v if k in ("pairs", "leak") else np.stack(v)
+                                          for k, v in t.items()}
     return _TARGETS[root, split, n, seed]
 
 
