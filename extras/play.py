@@ -45,7 +45,7 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "play.html")
 MAX_JSON = 64 * 1024            # bytes of a JSON request: 68 offsets and seven sliders take ~3 KB
 MAX_UPLOAD = 8 * 1024 * 1024    # bytes of an uploaded photo
 MAX_PIXELS = 40_000_000         # an upload's pixels, checked before it is decoded (a decompression bomb)
-RATE, BURST = 40, 80            # requests a second per client address, sustained and in a burst
+RATE, BURST = 100, 200          # requests a second per address, sustained and in a burst (the page: <= 60)
 TIMEOUT = 10                    # seconds a connection may sit idle or take to send its request
 MAX_CONNECTIONS = 32            # open connections at once; more are answered 503
 KEEP_UPLOADS = 8                # uploaded faces kept; older ones must be uploaded again
