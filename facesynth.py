@@ -13,9 +13,7 @@ A generator G draws the source face I_s with the target landmarks e_t (as heatma
 Î_t = G(I_s; e_t). A PatchGAN D judges (image, landmarks) pairs. One training step:
 G's four passes, D's update on real vs generated, then G's update on the six-term loss.
 """
-import argparse
 import contextlib
-import copy
 import csv
 import os
 import signal
@@ -84,9 +82,10 @@ def train_step(G, D, vgg, opt_G, opt_D, b, lam, measure, hm, fused=True, amp=Fal
     amp: VGG runs in bf16 autocast; G and D stay fp32 (TF32 tensor cores on CUDA). L_self and L_triple
     weigh (x100) small differences between generated images, and bf16 noise through G's four passes
     swamps them, while VGG's features only feed L_pp and L_id (docs/speed.md has the measurements)."""
-    torch.compiler.cudagraph_mark_step_begin()  # --compile reduce-overhead: last step's graph buffers are free
+    torch.compiler.cudagraph_mark_step_begin()  # --compile reduce-overhead: last step's graph buffers free
     I_s, I_t = b["I_s"], b["I_t"]
-    e_s, e_m, e_t = (data.heatmaps(b[k], hm["size"], hm["sigma"], hm["window"]) for k in ("lm_s", "lm_m", "lm_t"))
+    e_s, e_m, e_t = (data.heatmaps(b[k], hm["size"], hm["sigma"], hm["window"])
+                     for k in ("lm_s", "lm_m", "lm_t"))
     need = lambda *ts: any(lam[t] > 0 for t in ts)
     fake, mid, cyc, tri = generator_passes(G, I_s, e_s, e_m, e_t, need("self", "triple") or measure, fused)
     # L_D = BCE(D(I_t, e_t), 1) + BCE(D(Î_t, e_t), 0); Î_t detached: this update is D's alone
@@ -108,7 +107,8 @@ def train_step(G, D, vgg, opt_G, opt_D, b, lam, measure, hm, fused=True, amp=Fal
                 real_f = vgg(I_t)
             with torch.set_grad_enabled(need("pp", "id")):
                 fake_f = vgg(fake)
-        real_f, fake_f = ({k: v.float() for k, v in f.items()} for f in (real_f, fake_f))  # the losses in fp32
+        # the losses in fp32
+        real_f, fake_f = ({k: v.float() for k, v in f.items()} for f in (real_f, fake_f))
         terms["pp"] = losses.L_pp(fake_f, real_f)  # sum_l ||Φ_l(I_t) - Φ_l(Î_t)||₁ + ||Gram - Gram||_F
         terms["id"] = losses.L_id(fake_f, real_f)  # ||Φ(I_t) - Φ(Î_t)||₁ at losses.ID_LAYER
     # L_G = L_adv + λ_pix L_pix + λ_self L_self + λ_triple L_triple + λ_pp L_pp + λ_id L_id
@@ -143,7 +143,8 @@ def resumed(args):
     saved = {**{k: v for k, v in args.items() if k not in given}, **ckpt["args"]}  # old runs: new defaults
     changed = sorted(k for k in given - SESSION - SCHEDULE - {"resume"} if args[k] != saved.get(k))
     if changed:
-        raise DataError(f"{args['resume']}: cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} "
+        names = ', '.join('--' + k.replace('_', '-') for k in changed)
+        raise DataError(f"{args['resume']}: cannot change {names} "
                         "when resuming; start a new run with another --out instead")
     run = {**saved, **{k: args[k] for k in given & SCHEDULE}, "resume": args["resume"], "out": args["out"]}
     return {**run, **{k: args[k] for k in given & SESSION}}, run, ckpt
@@ -194,7 +195,8 @@ def runnable(G, D, vgg, args, world, device, log):
     return G, D, vgg
 
 
-LOG_FIELDS = ["step", "epoch", "time", "triplets_per_s"] + [f"L_{t}" for t in TERMS] + ["L_G", "L_D", "lr_G", "lr_D"]
+LOG_FIELDS = (["step", "epoch", "time", "triplets_per_s"] + [f"L_{t}" for t in TERMS]
+              + ["L_G", "L_D", "lr_G", "lr_D"])
 
 
 def start_outputs(out, config, start):
@@ -216,6 +218,21 @@ def log_row(path, step, per_epoch, seconds, rate, vals, args):
     row += [f"{vals['G']:.5g}", f"{vals['D']:.5g}", args["lr_g"], args["lr_d"]]
     with open(path, "a", newline="") as f:
         csv.writer(f).writerow(row)
+
+
+def progress_line(done, total, per_epoch, B, rate, vals, first):
+    """Step, epoch, speed and ETA (the first line's step includes the start-up: none there), the terms."""
+    eta = data.clock((total - done) * B / max(rate, 1e-9))
+    speed = "(speed, ETA: next line)" if first else f"{rate:.1f} triplets/s ETA {eta}"
+    terms = " ".join(f"{t} {vals[t]:.4f}" for t in TERMS if t in vals)
+    print(f"step {done}/{total} epoch {done / per_epoch:.2f} {speed} | {terms} | D {vals['D']:.4f}",
+          flush=True)
+
+
+def state(G, D, opt_G, opt_D):
+    """The weights and optimiser states of a checkpoint."""
+    return {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
+            "opt_D": opt_D.state_dict()}
 
 
 def ranks_agree(G, D, world, device, log):
@@ -250,7 +267,8 @@ def train_run(args, run, ckpt):
     log = print if main_rank else (lambda *a, **k: None)
     torch.manual_seed(args["seed"] + rank)
     videos = training_data(args, main_rank, world)
-    lam = losses.lambdas({t: args[f"lambda_{t}"] for t in TERMS if args[f"lambda_{t}"] is not None}, args["ablate"])
+    lam = losses.lambdas({t: args[f"lambda_{t}"] for t in TERMS if args[f"lambda_{t}"] is not None},
+                         args["ablate"])
     G, D, vgg, vgg_source, opt_G, opt_D, start, elapsed = build_models(args, device, ckpt, log)
     G_run, D_run, vgg_run = runnable(G, D, vgg, args, world, device, log)
     per_epoch = data.steps_per_epoch(args, world)
@@ -258,14 +276,16 @@ def train_run(args, run, ckpt):
     out, B = args["out"], args["batch_size"] * world
     ckpt_path, log_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "log.csv")
     if start >= total:
-        log(f"{ckpt_path} is at step {start} of {total}: nothing to do (a larger --steps or --epochs trains on)")
+        log(f"{ckpt_path} is at step {start} of {total}: nothing to do "
+            "(a larger --steps or --epochs trains on)")
         return out
     config = {"args": args, "lambdas": lam, "vgg": vgg_source, "params_G": networks.count_params(G),
               "params_D": networks.count_params(D), "world_size": world, "device": str(device)}
     if main_rank:
         start_outputs(out, config, start)
         pairs = evaluate.sample_pairs(args, device)
-    log(f"G {config['params_G'] / 1e6:.2f}M params, D {config['params_D'] / 1e6:.3f}M params, VGG: {vgg_source}; "
+    log(f"G {config['params_G'] / 1e6:.2f}M params, D {config['params_D'] / 1e6:.3f}M params, "
+        f"VGG: {vgg_source}; "
         f"{len(videos)} train videos, {total} steps of {B} triplets ({per_epoch} steps/epoch) on {device}"
         + (f" x{world}" if world > 1 else "") + f", from step {start}")
 
@@ -279,7 +299,8 @@ def train_run(args, run, ckpt):
     try:
         for step, b in data.batches(videos, args, start, total, rank, world, device):
             measure = (step + 1) % args["log_every"] == 0 or step + 1 == total or step == 0  # a log row
-            terms = train_step(G_run, D_run, vgg_run, opt_G, opt_D, b, lam, measure, hm, amp=device.type == "cuda")
+            terms = train_step(G_run, D_run, vgg_run, opt_G, opt_D, b, lam, measure, hm,
+                               amp=device.type == "cuda")
             bad |= ~torch.isfinite(terms["G"] + terms["D"])
             done, now, stopping = step + 1, time.time(), bool(stop)  # one reading: a signal may come any time
             line = main_rank and (measure or stopping or done == start + 1 or now - t_line > LINE_EVERY)
@@ -291,10 +312,7 @@ def train_run(args, run, ckpt):
                 t_line, step_line, vals = now, done, {k: v.item() for k, v in terms.items()}
                 if measure or stopping:  # a stopped run's last row: the step its checkpoint holds
                     log_row(log_path, done, per_epoch, elapsed + now - t0, rate, vals, args)
-                eta = data.clock((total - done) * B / max(rate, 1e-9))
-                speed = f"{rate:.1f} triplets/s ETA {eta}" if done > start + 1 else "(speed, ETA: next line)"
-                print(f"step {done}/{total} epoch {done / per_epoch:.2f} {speed} | " +
-                      " ".join(f"{t} {vals[t]:.4f}" for t in TERMS if t in vals) + f" | D {vals['D']:.4f}", flush=True)
+                progress_line(done, total, per_epoch, B, rate, vals, first=done == start + 1)
             grid = done == start + 1 or done % args["sample_every"] == 0 or done == total or stopping
             if main_rank and grid:
                 # the first one early: a glance that G draws faces at all
@@ -302,10 +320,9 @@ def train_run(args, run, ckpt):
                                      done)
             if save:
                 if main_rank:  # a checkpoint is a plain dict: weights, optimiser states, the run's options
-                    networks.save_checkpoint(ckpt_path, {
-                        "G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
-                        "opt_D": opt_D.state_dict(), "step": done, "time": elapsed + time.time() - t0,
-                        "args": run, "lambdas": lam, "vgg": vgg_source})
+                    networks.save_checkpoint(ckpt_path, {**state(G, D, opt_G, opt_D), "step": done,
+                                             "time": elapsed + time.time() - t0, "args": run, "lambdas": lam,
+                                             "vgg": vgg_source})
                 saved = done
             if stopping:
                 log(f"interrupted: checkpoint at step {done} in {ckpt_path}; continue with --resume {out}")
@@ -320,7 +337,8 @@ def train_run(args, run, ckpt):
             signal.signal(s, handler)
         if world > 1:
             dist.destroy_process_group()
-    log(f"done: {done} steps in {time.time() - t0:.0f}s; outputs in {out}/ (ckpt.pt, log.csv, config.json, samples/)")
+    log(f"done: {done} steps in {time.time() - t0:.0f}s; outputs in {out}/ "
+        "(ckpt.pt, log.csv, config.json, samples/)")
     return out
 
 
@@ -332,7 +350,8 @@ def bench_models(args, device, seed=0):
     D = networks.Discriminator(ndf=args["ndf"]).to(device)
     vgg = networks.VGG19(losses.VGG_LAYERS, args["vgg_widths"] or networks.VGG_WIDTHS).to(device)
     networks.to_layout(vgg, device)  # as train's
-    opts = torch.optim.Adam(G.parameters(), lr=LR_G, betas=BETAS), torch.optim.Adam(D.parameters(), lr=LR_D, betas=BETAS)
+    opts = (torch.optim.Adam(G.parameters(), lr=LR_G, betas=BETAS),
+            torch.optim.Adam(D.parameters(), lr=LR_D, betas=BETAS))
     return G, D, vgg, opts
 
 
@@ -390,51 +409,49 @@ def reenact(args):
 
 
 # ----------------------------------------------------------------------------- command line
+def add_model_options(p):
+    """The options train and bench share: the data, the batch, the models' sizes, the device."""
+    batch, width = cli.number(high=BATCH_MAX), cli.number(high=WIDTH_MAX)
+    p.add_argument("--data", help="prepared dataset (default: the built-in synthetic set, made once in "
+                   "data/synthetic/; bench without it: random tensors)")
+    p.add_argument("--batch-size", type=batch, default=BATCH_SIZE, help="triplets per step (per process)")
+    p.add_argument("--ngf", type=width, default=NGF, help="G width (pix2pix: 64)")
+    p.add_argument("--n-down", type=cli.number(high=8), default=N_DOWN,
+                   help="G down-sampling blocks (paper: 4)")
+    p.add_argument("--ndf", type=width, default=NDF, help="D width (paper: 32)")
+    p.add_argument("--vgg-widths", type=cli.number(), nargs=5, metavar="C",
+                   help="narrower VGG block widths for smoke tests (random features only, no --vgg)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
+                   help="torch.compile G, D and VGG (default mode; reduce-overhead adds CUDA graphs)")
+
+
 def add_train_options(p):
     pos, nonneg, above0 = cli.number(), cli.number(int, 0), cli.number(float, 0, above=True)
-    batch, width, depth = cli.number(high=BATCH_MAX), cli.number(high=WIDTH_MAX), cli.number(high=8)
-    p.add_argument("--data", help="prepared dataset (default: the built-in synthetic set, made once in data/synthetic/)")
+    add_model_options(p)
     p.add_argument("--out", default=os.path.join("runs", "default"), help="run folder")
     p.add_argument("--resume", help="run folder or checkpoint to continue from")
-    p.add_argument("--batch-size", type=batch, default=BATCH_SIZE, help="triplets per step (per process)")
     p.add_argument("--epochs", type=pos, default=EPOCHS, help="passes of --triplets-per-epoch (paper: 6)")
     p.add_argument("--triplets-per-epoch", type=pos, default=TRIPLETS_PER_EPOCH, help="(paper: 9.5k)")
     p.add_argument("--steps", type=pos, help="total steps, instead of --epochs (a short run: --steps 200)")
     p.add_argument("--lr-g", type=above0, default=LR_G, help="G's Adam learning rate (paper: 2e-4)")
     p.add_argument("--lr-d", type=above0, default=LR_D, help="D's Adam learning rate (paper: 5e-5)")
-    p.add_argument("--ngf", type=width, default=NGF, help="G width (pix2pix: 64)")
-    p.add_argument("--n-down", type=depth, default=N_DOWN, help="G down-sampling blocks (paper: 4)")
-    p.add_argument("--ndf", type=width, default=NDF, help="D width (paper: 32)")
     p.add_argument("--sigma", type=above0, default=data.SIGMA, help="heatmap Gaussian sigma in pixels")
     p.add_argument("--window", type=pos, default=data.WINDOW, help="heatmap window in pixels")
-    p.add_argument("--max-gap", type=cli.number(int, 2), help="max frames between a triplet's ends (default: whole video)")
+    p.add_argument("--max-gap", type=cli.number(int, 2),
+                   help="max frames between a triplet's ends (default: whole video)")
     for t in TERMS:
-        p.add_argument(f"--lambda-{t}", type=cli.number(float, 0), help=f"weight of L_{t} (paper: {losses.LAMBDAS[t]:g})")
+        p.add_argument(f"--lambda-{t}", type=cli.number(float, 0),
+                       help=f"weight of L_{t} (paper: {losses.LAMBDAS[t]:g})")
     p.add_argument("--ablate", action="append", default=[], choices=sorted(losses.GROUPS),
-                   help="switch off a group of terms (repeatable): pix, consistency (self+triple), feature (pp+id)")
-    p.add_argument("--vgg", help="torchvision VGG-19 state dict (vgg19-dcbb9e9d.pth), or 'random' to skip the lookup")
-    p.add_argument("--vgg-widths", type=pos, nargs=5, metavar="C",
-                   help="narrower VGG block widths for smoke tests (random features only, no --vgg)")
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    add_compile_option(p)
+                   help="switch off a group of terms (repeatable): pix, consistency (self+triple), "
+                   "feature (pp+id)")
+    p.add_argument("--vgg", help="torchvision VGG-19 state dict (vgg19-dcbb9e9d.pth), "
+                   "or 'random' to skip the lookup")
     p.add_argument("--seed", type=nonneg, default=0, help="seeds the weights, the triplets and the flips")
     p.add_argument("--log-every", type=pos, default=LOG_EVERY, help="steps between log.csv rows")
     p.add_argument("--sample-every", type=pos, default=SAMPLE_EVERY, help="steps between sample grids")
     p.add_argument("--ckpt-every", type=pos, default=CKPT_EVERY, help="steps between checkpoints")
-
-
-def add_compile_option(p):
-    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
-                   help="torch.compile G, D and VGG (default mode; reduce-overhead adds CUDA graphs)")
-
-
-def given_options(parser, argv):
-    """Which options the user typed (resume may only change some of them)."""
-    shadow = argparse.ArgumentParser(add_help=False)
-    for a in parser._actions:
-        if a.option_strings and a.dest != "help":
-            shadow._add_action(copy.copy(a)).default = argparse.SUPPRESS
-    return set(vars(shadow.parse_known_args(argv)[0]))
 
 
 def main(argv=None):
@@ -449,7 +466,8 @@ def main(argv=None):
     p.add_argument("src", help="300VW layout (NNN/vid.avi, NNN/annot/*.pts), or videos (landmarks detected)")
     p.add_argument("out", help="the prepared dataset to write (an interrupted run picks up where it stopped)")
     p.add_argument("--size", type=cli.number(int, 16), default=64, help="crop side in pixels")
-    p.add_argument("--crop-scale", type=cli.number(float, 0, above=True), default=data.CROP_SCALE, help="crop side / landmark box side")
+    p.add_argument("--crop-scale", type=cli.number(float, 0, above=True), default=data.CROP_SCALE,
+                   help="crop side / landmark box side")
     p.add_argument("--split-file", help="JSON {split: [video names]} instead of the official 300VW split "
                    "(plain videos: instead of holding out the last 20 %% by name as test1)")
     p.add_argument("--workers", type=pos, default=2, help="processes")
@@ -467,21 +485,13 @@ def main(argv=None):
     about = ("time full training steps against the device's dense peak (the best of a matmul and a "
              "convolution, timed between the steps), and predict the whole run's time")
     p = sub.add_parser("bench", help=about, description=about)
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--batch-size", type=cli.number(high=BATCH_MAX), default=BATCH_SIZE,
-                   help="triplets per step, as in train")
+    add_model_options(p)
     p.add_argument("--steps", type=pos, default=10, help="timed steps")
     p.add_argument("--warmup", type=cli.number(int, 0), default=2, help="untimed steps first (allocation)")
     p.add_argument("--rounds", type=pos, help="blocks of timed steps, each followed by the yardsticks "
                    "(default: one per step; at most --steps)")
-    p.add_argument("--size", type=cli.number(int, 16), default=64, help="image size of random batches (a dataset has its own)")
-    p.add_argument("--ngf", type=cli.number(high=WIDTH_MAX), default=NGF, help="as in train")
-    p.add_argument("--n-down", type=cli.number(high=8), default=N_DOWN, help="as in train")
-    p.add_argument("--ndf", type=cli.number(high=WIDTH_MAX), default=NDF, help="as in train")
-    p.add_argument("--vgg-widths", type=pos, nargs=5, metavar="C", help="narrower VGG block widths for smoke tests")
-    add_compile_option(p)
-    p.add_argument("--data", help="prepared dataset to draw the batch from (default: the built-in synthetic set "
-                   "if built, else random tensors; a dataset sets the image size)")
+    p.add_argument("--size", type=cli.number(int, 16), default=64,
+                   help="image size of random batches (a dataset has its own)")
     about = "drive a face with another video's landmarks: source | driver landmarks | generated | driver"
     extras.reenact.add_options(sub.add_parser("reenact", help="drive a face with another video's landmarks",
                                               description=about))
@@ -491,19 +501,22 @@ def main(argv=None):
     verb = a.pop("verb")
     with cli.one_line_errors():
         if verb == "train":
-            train({**a, "_given": given_options(p_train, argv[1:])})
+            train({**a, "_given": cli.given_options(p_train, argv[1:])})
         elif verb == "prepare":
-            summary = data.prepare(args.src, args.out, size=args.size, crop_scale=args.crop_scale, workers=args.workers,
-                                   split_file=args.split_file, detector=extras.landmarks.video_detector)
+            summary = data.prepare(args.src, args.out, size=args.size, crop_scale=args.crop_scale,
+                                   workers=args.workers, split_file=args.split_file,
+                                   detector=extras.landmarks.video_detector)
             if summary["prepared"] + summary["existing"] == 0:
                 cli.fail(f"{args.src}: no video could be prepared")
             print(f"prepared dataset in {args.out}/")
         elif verb == "synth":
-            extras.synthetic.synth(args.out, tuple(args.videos), args.frames, args.size, args.seed, args.workers)
+            extras.synthetic.synth(args.out, tuple(args.videos), args.frames, args.size, args.seed,
+                                   args.workers)
             print(f"synthetic videos in {args.out}/ (prepare them with: facesynth.py prepare {args.out} OUT)")
         elif verb == "ablation":
             if a.pop("resume") or a["ablate"]:
-                cli.fail("--resume/--ablate: ablation chooses --ablate itself and resumes unfinished runs on its own")
+                cli.fail("--resume/--ablate: ablation chooses --ablate itself and resumes unfinished runs "
+                         "on its own")
             ablation(a)
         elif verb == "bench":
             bench(a)

@@ -5,6 +5,7 @@ any computing (writable). The paper's code had none of it: a bad option was a tr
 """
 import argparse
 import contextlib
+import copy
 import difflib
 import math
 import os
@@ -104,3 +105,12 @@ def number(kind=int, low=1, above=False, high=None):
             raise argparse.ArgumentTypeError(f"{text} is out of range: at most {high} (memory runs out)")
         return v
     return parse
+
+
+def given_options(parser, argv):
+    """Which options the user typed (resume may only change some of them)."""
+    shadow = argparse.ArgumentParser(add_help=False)
+    for a in parser._actions:
+        if a.option_strings and a.dest != "help":
+            shadow._add_action(copy.copy(a)).default = argparse.SUPPRESS
+    return set(vars(shadow.parse_known_args(argv)[0]))

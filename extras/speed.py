@@ -133,13 +133,15 @@ def fast_vs_plain(step, models, args, device, b, lam, hm, amp):
         with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=fast):
             terms = step(G, D, vgg, opt_G, opt_D, b, {t: lam[t] if t in only else 0.0 for t in lam}, True,
                                hm, fused=fast, amp=fast and amp)
-        return {k: v.item() for k, v in terms.items()}, torch.cat([p.grad.flatten().float() for p in G.parameters()])
+        grad = torch.cat([p.grad.flatten().float() for p in G.parameters()])
+        return {k: v.item() for k, v in terms.items()}, grad
 
     weighted = [t for t in TERMS if lam[t]]
     loss_diff, grad_diff = 0.0, {}
     for name, only in [(t, {t}) for t in weighted] + [("G", set(weighted))]:
         (t_fast, g_fast), (t_plain, g_plain) = grad(True, only), grad(False, only)
-        loss_diff = max(loss_diff, *(abs(t_fast[k] - t_plain[k]) / max(abs(t_plain[k]), 1e-8) for k in t_plain))
+        loss_diff = max(loss_diff, *(abs(t_fast[k] - t_plain[k]) / max(abs(t_plain[k]), 1e-8)
+                                     for k in t_plain))
         grad_diff[name] = ((g_fast - g_plain).norm() / g_plain.norm()).item()
     return loss_diff, grad_diff
 
@@ -154,9 +156,10 @@ def bench_batch(args, device, cache):
         videos = data.load_videos(root, "train")
         feed = {"batch_size": B, "triplets_per_epoch": B, "seed": 0, "max_gap": None}
         return next(data.batches(videos, feed, 0, 1, device=device))[1], f"real ({root})"
-    print(f"note: no dataset ({root} not built, no --data): random tensors, which exaggerate bf16's differences")
+    print(f"note: no dataset ({root} not built, no --data): random tensors, which exaggerate bf16's "
+          "differences")
     S, g = args["size"], torch.Generator().manual_seed(0)
-    b = {"I_s": torch.rand(B, 3, S, S, generator=g) * 2 - 1, "I_t": torch.rand(B, 3, S, S, generator=g) * 2 - 1}
+    b = {k: torch.rand(B, 3, S, S, generator=g) * 2 - 1 for k in ("I_s", "I_t")}
     b.update({k: torch.rand(B, 68, 2, generator=g) * (S - 1) for k in ("lm_s", "lm_m", "lm_t")})
     return {k: v.to(device) for k, v in b.items()}, "random"
 
@@ -207,7 +210,8 @@ def bench(args, step, models, cache, schedule):
     hm = {"size": S, "sigma": data.SIGMA, "window": data.WINDOW}
     one = lambda: step(G_run, D_run, vgg_run, opt_G, opt_D, b, lam, False, hm, amp=amp)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    print(f"bench: {device}, batch {B} ({batch_kind}), {S} px, G {networks.count_params(G) / 1e6:.1f}M params, "
+    print(f"bench: {device}, batch {B} ({batch_kind}), {S} px, "
+          f"G {networks.count_params(G) / 1e6:.1f}M params, "
           f"{args['steps']} timed steps" + (f", torch.compile {args['compile']}" if args["compile"] else ""))
     with FlopCounterMode(display=False) as counter:  # the eager step: the maths, not what a compiler fused
         step(G, D, vgg, opt_G, opt_D, b, lam, False, hm, amp=amp)
@@ -220,8 +224,10 @@ def bench(args, step, models, cache, schedule):
     ratio = verdict([gflop * B / s for s in step_s], peaks)
     loss_diff, grad_diff = fast_vs_plain(step, models, args, device, b, lam, hm, amp)
     step_s = min(step_s)
-    res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-           "batch": batch_kind, "compile": args["compile"], "batch_size": B, "triplets_per_s": round(B / step_s, 2),
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
+    res = {"device": name, "batch": batch_kind, "compile": args["compile"], "batch_size": B,
+           "triplets_per_s": round(B / step_s, 2),
            "gflop_per_triplet": round(gflop, 2), "achieved_gflops": round(ratio["achieved_gflops"], 1),
            "peak_gflops": round(ratio["peak_gflops"], 1), "peak_kind": ratio["peak_kind"],
            "utilization": round(ratio["utilization"], 3), "spread": round(ratio["spread"], 2),
