@@ -3112,7 +3112,7 @@ def test_the_quick_start_runs_as_written(blobs, tmp_path, monkeypatch, capsys):
     every file its comments promise."""
     readme = open(os.path.join(os.path.dirname(os.path.abspath(evaluate.__file__)), "README.md")).read()
     quick = readme.split("## Quick start")[1].split("\n## ")[0]
-    lines = [l.strip() for l in quick.splitlines() if l.startswith("    python ")]
+    lines = [l.strip() for l in quick.replace("\\\n", " ").splitlines() if l.startswith("    python ")]
     monkeypatch.chdir(tmp_path)
     ran = []
     for line in lines:
