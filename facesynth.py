@@ -47,7 +47,7 @@ BATCH_MAX, WIDTH_MAX = 16384, 1024  # memory runs out long before: a one-line er
 LOG_EVERY, SAMPLE_EVERY, CKPT_EVERY = 50, 500, 500
 LINE_EVERY = 30  # seconds: a progress line at least this often, so a slow run is never silent
 TRAIN_ABOUT = """Train G and D on triplets of frames with the paper's six-term loss, on the built-in
-synthetic set unless --data. A first run: --steps 200 --out runs/short. OUT gets log.csv (a row at
+synthetic set unless --data. A first run: the README's CPU recipe. OUT gets log.csv (a row at
 step 1, every --log-every steps and where the run stops), samples/step_N.png (the same held-out
 faces each time), config.json and ckpt.pt. Ctrl-C saves and stops; --resume OUT goes on from there."""
 CACHE = extras.synthetic.SYNTH_CACHE
