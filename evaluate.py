@@ -456,7 +456,7 @@ def main(argv=None):
             ("metrics", "L1 / PSNR / SSIM on held-out pairs with 95 % intervals (the synthetic set adds "
                         "cross-identity scores against rendered truth and identity leak), and flicker; a "
                         "short table, the full one in OUT/metrics.md (.csv, .json)")):
-        s = sub.add_parser(cmd, help=about, description=about)
+        s = sub.add_parser(cmd, help=about.replace("%", "%%"), description=about)  # help is %-formatted
         s.add_argument("--runs", nargs="+", help="run folders (default: the run under runs/ trained last)")
         s.add_argument("--out", default="eval", help="output folder")
         if cmd != "losses":

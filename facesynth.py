@@ -495,7 +495,10 @@ def main(argv=None):
     about = "drive a face with another video's landmarks: source | driver landmarks | generated | driver"
     extras.reenact.add_options(sub.add_parser("reenact", help="drive a face with another video's landmarks",
                                               description=about))
-    extras.play.add_options(sub.add_parser("play", help="a page: drag a face's landmarks, watch G redraw it"))
+    about = ("a local web page: drag a face's landmarks or move the sliders and watch G redraw it (for a "
+             "synthetic identity beside the true face and the error); prints the URL, Ctrl-C stops it")
+    extras.play.add_options(sub.add_parser("play", help="a page: drag a face's landmarks, watch G redraw it",
+                                           description=about))
     args = parser.parse_args(argv)
     a = vars(args)
     verb = a.pop("verb")

@@ -3151,8 +3151,12 @@ def test_mistyped_options_and_verbs_get_a_suggestion(main, argv, hint, capsys):
 
 def test_every_verb_and_option_has_help(capsys):
     """--help is for a person: every verb has a description, every option and argument a help text."""
-    for main, verbs in ((facesynth, ["train", "prepare", "synth", "ablation", "bench", "reenact"]),
+    for main, verbs in ((facesynth, ["train", "prepare", "synth", "ablation", "bench", "reenact", "play"]),
                         (evaluate, ["heatmaps", "grid", "losses", "metrics"])):
+        with pytest.raises(SystemExit) as e:  # the top level lists every verb with its help
+            main.main(["--help"])
+        text = capsys.readouterr().out
+        assert e.value.code == 0 and all(re.search(rf"^    {v} ", text, re.M) for v in verbs), text
         for verb in verbs:
             with pytest.raises(SystemExit):
                 main.main([verb, "--help"])
