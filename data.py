@@ -286,12 +286,9 @@ def _prepare_video(vdir, out, size, crop_scale, detect=None):
         warn.append(f"{name}: {vid} has {t} frames for {len(lms)} .pts files; using the first {t}")
     if len(frames) < MIN_FRAMES:  # sample_triplets could not use it, and evaluation pairs need two
         raise DataError(f"{vid}: only {len(frames)} usable frame(s); a training triplet needs {MIN_FRAMES}")
-    params = None
-    if os.path.isfile(os.path.join(vdir, "params.json")):  # a synthetic video's identity and motion
-        try:
-            params = json.load(open(os.path.join(vdir, "params.json")))
-        except ValueError:
-            raise DataError(f"{os.path.join(vdir, 'params.json')}: not JSON") from None
+    params, own = None, os.path.join(vdir, "params.json")  # a synthetic video's identity and motion
+    if os.path.isfile(own):
+        params = read_json(own, "make the synthetic video again")
     save_prepared(out, name, frames, marks, params)
     return len(frames), warn
 
@@ -342,10 +339,7 @@ def _read_split(src, split_file):
     split_src = split_file or (own if os.path.isfile(own) else None)
     if not split_src:
         return None, SPLITS_300VW
-    try:
-        mapping = json.load(open(split_src))
-    except (OSError, ValueError) as e:
-        raise DataError(f"{split_src}: cannot read ({e})") from None
+    mapping = read_json(split_src, "it must be a JSON mapping of split name -> list of video names")
     if not isinstance(mapping, dict) or not all(isinstance(v, list) for v in mapping.values()):
         raise DataError(f"{split_src}: not a JSON mapping of split name -> list of video names")
     return split_src, mapping

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data import (CROP_SCALE, MIRROR, N_LANDMARKS, DataError, WriteError, crop_face, pool_map, progress,
-                  save_prepared, why_not, write_json)
+                  read_prepared, save_prepared, why_not, write_json)
 from extras.cli import number
 
 SYNTH_VIDEOS = (50, 31, 19, 14)  # train/test1/test2/test3, the sizes of 300VW's split
@@ -371,8 +371,7 @@ def cross_targets(root, split, videos, n, seed=0, label=None):
     With a label, a progress line (renders are cached: only the first run of a dataset waits)."""
     if (root, split, n, seed) not in _TARGETS:
         t0 = time.time()
-        with open(os.path.join(root, "prepare.json")) as f:
-            prep = json.load(f)
+        prep = read_prepared(root)
         rng = np.random.default_rng([seed, 1])  # a stream of its own: the same-video pairs stay put
         t = {"pairs": [], "src": [], "img": [], "lm": [], "drv_lm": [], "leak": {k: [] for k in LEAK_ATTRS}}
         for i in range(n):
