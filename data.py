@@ -1,9 +1,9 @@
 """The paper's data, from files on disk to the tensors of a training step:
 
-    DataError (one line naming the file and the fix), writes that land whole or not at all, progress lines
     the iBUG-68 layout and the 300VW split; .pts files; THE crop; video decoding
-    `prepare`: 300VW folders (or plain videos, given a landmark detector) -> a prepared dataset
+    `prepare`: 300VW folders (and plain videos, given their landmarks) -> a prepared dataset
     a prepared split: triplets, the batch feed, horizontal flips (the iBUG mirror), heatmaps
+    and what every module shares: one-line errors, writes that land whole or not at all, progress lines
 
 A prepared dataset is a folder of videos, each `NNN/frames.npy` (uint8, T x S x S x 3) and
 `NNN/landmarks.npy` (float32, T x 68 x 2, x then y, 0-based crop pixels), plus `split.json` and
@@ -40,80 +40,32 @@ SPLITS_300VW = {
     "test2": "203 208 211 212 213 214 218 224 403 404 405 406 407 408 409 412 550 551 553".split(),
     "test3": "410 411 516 517 526 528 529 530 531 533 557 558 559 562".split(),
 }
-
-
-class DataError(ValueError):
-    """Bad input: the message is one line that names the file or option and the problem."""
-
-
-class WriteError(DataError):
-    """A file that cannot be written (a full disk, no permission): it stops a run, never skips a video."""
-
-
-def why_not(e):
-    """An OSError's reason; numpy's short writes carry no errno."""
-    return e.strerror or f"{e}: is the disk full?"
-
-
-@contextlib.contextmanager
-def writing(path):
-    """`with writing(path) as tmp:` write `tmp` (this process's own name, same extension), which then
-    replaces `path` whole: a full disk, a crash or an interrupt leaves no partial file, the old one as it
-    was. A failing write is one WriteError naming the file."""
-    stem, ext = os.path.splitext(path)
-    tmp = f"{stem}.{os.getpid()}.tmp{ext}"
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise WriteError(f"{path}: cannot write ({why_not(e)})") from None
-        raise
-
-
-def write_json(path, value):
-    with writing(path) as tmp, open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-
-
-def progress(label, done, total, t0, unit="frames", extra=""):
-    """One self-overwriting progress line with rate and ETA; a newline once done == total."""
-    rate = done / max(time.time() - t0, 1e-9)
-    eta = (total - done) / rate if rate > 0 else float("inf")
-    end = "\n" if done >= total else ""
-    line = f"\r{label} {done}/{total} {rate:.1f} {unit}/s ETA {clock(eta)} {extra}".rstrip()
-    print(line, end=end, flush=True)
-
-
-def clock(seconds):
-    """Seconds as 7m05s, or 2h03m from an hour on; '?' when unknown."""
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(round(seconds), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
-
-
-# ----------------------------------------------------------------------------- .pts, THE crop, videos
 # Crop side = CROP_SCALE x the larger side of the landmarks' box. The 68 points stop at the brows,
 # and the forehead above them is about half the brow-to-chin height; 1.8 centred on the box leaves
 # ~0.4-0.5 of that height above the brows, so the forehead, hairline and some hair fit.
 CROP_SCALE = 1.8
+# Heatmaps. The paper: a Gaussian "applied over 7 pixels with a mean of 0 and a variance of 1/3".
+# Read literally (sigma^2 = 1/3 px^2) that is a one-pixel spike whose neighbours are 0.22: it gives
+# the generator almost no spatial gradient to follow. The original code drew sigma = 1 px at 128 px
+# and resized to 64 px, which flattened the peak to 0.65. We read it as: a 7-pixel window, sigma =
+# 1 px at the working size, peak exactly 1 at the landmark; both are options.
+SIGMA, WINDOW = 1.0, 7
+MIN_FRAMES = 3  # a training triplet is three distinct frames of one video
+HELD_OUT = 0.2  # plain videos without a --split-file: the last 20 % by name (at least 1 of 2+) are test1
+VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".gif")
 
+
+# ----------------------------------------------------------------------------- .pts, THE crop, videos
 
 def read_pts(path):
     """A 300VW/iBUG .pts file -> float32 (68, 2), 0-based (the files are 1-based)."""
     try:
-        lines = [l.strip() for l in open(path, errors="replace").read().splitlines()]
+        with open(path, errors="replace") as f:
+            lines = [l.strip() for l in f if l.strip()]  # extra blank lines and CRLF endings occur in 300VW
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    lines = [l for l in lines if l]  # extra blank lines and CRLF endings occur in 300VW
-    if not lines:
-        raise DataError(f"{path}: empty file")
     if "{" not in lines or "}" not in lines:
-        raise DataError(f"{path}: missing '{{' or '}}'")
+        raise DataError(f"{path}: " + ("missing '{' or '}'" if lines else "empty file"))
     a, b = lines.index("{"), lines.index("}")
     n = next((l.split(":", 1)[1].strip() for l in lines[:a] if l.startswith("n_points")), None)
     if n != str(N_LANDMARKS) or b - a - 1 != N_LANDMARKS:
@@ -166,9 +118,6 @@ def crop_face(frame, landmarks, size=64, crop_scale=CROP_SCALE):
     return np.asarray(crop, np.uint8), uv.astype(np.float32)
 
 
-VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".gif")
-
-
 def decode(vid):
     """A video's frames, one at a time, as RGB uint8 (H,W,3) (300VW frames are up to 1280 px: a whole
     video may not fit in memory). GIFs go through Pillow (imageio's ffmpeg plugin refuses them), the
@@ -202,20 +151,11 @@ def is_video(path):
 
 
 # ----------------------------------------------------------------------------- prepare
-MIN_FRAMES = 3  # a training triplet is three distinct frames of one video
-
-
 def outside(lms, shape):
     """Per landmark set (...,68,2): whether a point lies more than a frame size outside an (H,W,...)
     frame. Such a .pts is broken, and crop_face would allocate a window as large as its box."""
     size = np.array(shape[1::-1])
     return ((lms < -size) | (lms > 2 * size)).any((-1, -2))
-
-
-def pool_map(fn, jobs, workers):
-    """fn over jobs on `workers` processes (in this one for a single worker or job), results in order."""
-    with ProcessPoolExecutor(workers) if workers > 1 and len(jobs) > 1 else contextlib.nullcontext() as pool:
-        yield from (pool.map if pool else map)(fn, jobs)
 
 
 def save_prepared(out, name, frames, marks, params=None):
@@ -238,19 +178,13 @@ def save_prepared(out, name, frames, marks, params=None):
         raise WriteError(f"{e.filename or final}: cannot write ({why_not(e)})") from None
 
 
-def _prepare_video(vdir, out, size, crop_scale, detect=None):
+def _prepare_video(vdir, out, size, crop_scale, landmarks=None):
     """One raw video -> OUT/NAME; returns (frames, warning lines) or raises DataError. A 300VW folder
-    brings its landmarks (annot/*.pts); a plain video file NAME.mp4 (...) gets them from `detect`
-    (video path -> (landmarks (T,68,2), found (T,) bool))."""
+    brings its landmarks (annot/*.pts); a video file NAME.mp4 (...) gets them from `landmarks`."""
     warn = []
-    if os.path.isfile(vdir):
+    if landmarks:
         name, vid = os.path.splitext(os.path.basename(vdir))[0], vdir
-        lms, found = detect(vid)
-        if not found.any():
-            raise DataError(f"{vid}: no face found in its {len(found)} frames")
-        if not found.all():  # the last landmarks on a frame without a face would teach G a wrong face
-            warn.append(f"{name}: {vid}: no face found in {(~found).sum()} of {len(found)} frames; "
-                        "those are left out")
+        lms, found, warn = landmarks(vid)
         files = [vid] * len(lms)  # what a bad landmark set names
     else:
         name, annot, vid = os.path.basename(vdir), os.path.join(vdir, "annot"), os.path.join(vdir, "vid.avi")
@@ -264,8 +198,7 @@ def _prepare_video(vdir, out, size, crop_scale, detect=None):
         if n < len(files):  # a gap would shift every later annotation onto the wrong frame
             warn.append(f"{name}: {annot}: expected {n + 1:06d}.pts, found {files[n]}; using the first {n}")
         files = [os.path.join(annot, f) for f in files[:n]]
-        lms, found = (np.stack([read_pts(f) for f in files]),
-                      np.ones(n, bool))  # all before decoding: fail fast
+        lms, found = np.stack([read_pts(f) for f in files]), np.ones(n, bool)  # before decoding: fail fast
         if not os.path.isfile(vid):
             raise DataError(f"{vid}: missing")
     frames, marks, t = [], [], 0
@@ -286,9 +219,8 @@ def _prepare_video(vdir, out, size, crop_scale, detect=None):
         warn.append(f"{name}: {vid} has {t} frames for {len(lms)} .pts files; using the first {t}")
     if len(frames) < MIN_FRAMES:  # sample_triplets could not use it, and evaluation pairs need two
         raise DataError(f"{vid}: only {len(frames)} usable frame(s); a training triplet needs {MIN_FRAMES}")
-    params, own = None, os.path.join(vdir, "params.json")  # a synthetic video's identity and motion
-    if os.path.isfile(own):
-        params = read_json(own, "make the synthetic video again")
+    own = os.path.join(vdir, "params.json")  # a synthetic video's identity and motion
+    params = read_json(own, "make the synthetic video again") if os.path.isfile(own) else None
     save_prepared(out, name, frames, marks, params)
     return len(frames), warn
 
@@ -311,27 +243,6 @@ def _finished(d, size):
         return False
 
 
-HELD_OUT = 0.2  # plain videos without a --split-file: the last 20 % by name (at least 1 of 2+) are test1
-
-
-def _entries(src):
-    """SRC's videos: {prepared name: its entry in SRC}, the plain video files among them, and a skip line
-    for each video file whose name (its stem) a folder already has."""
-    entries = sorted(d for d in os.listdir(src) if d[0] != ".")
-    entry = {d: d for d in entries if os.path.isdir(os.path.join(src, d))}
-    clashes = {}
-    for f in (f for f in entries if is_video(os.path.join(src, f))):  # a plain video is named by its stem
-        stem = os.path.splitext(f)[0]
-        if stem in entry:
-            clashes[f] = f"skip {f}: the name {stem} is already {entry[stem]}'s (rename one)"
-        else:
-            entry[stem] = f
-    if not entry:
-        raise DataError(f"{src}: no video folders (NNN/vid.avi and NNN/annot/*.pts) and no video files "
-                        f"({' '.join(VIDEO_EXTS)})")
-    return entry, sorted(d for d, e in entry.items() if e != d), clashes
-
-
 def _read_split(src, split_file):
     """The split: --split-file, else SRC/split.json (the synthetic generator writes one), else the
     official one. Read before the long run, so a bad mapping fails first. Returns (its file, mapping)."""
@@ -345,24 +256,22 @@ def _read_split(src, split_file):
     return split_src, mapping
 
 
-def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None, detector=None, log=print):
-    """Raw folder SRC -> prepared dataset OUT (see the module docstring). SRC holds 300VW-layout video
-    folders (NNN/vid.avi + NNN/annot/*.pts), plain video files (NAME.mp4, ...), or both. Plain videos
-    need `detector`: called once, it returns a picklable detect(video) -> (landmarks, found), or raises
-    the DataError that says what is missing. Re-runnable: finished videos are kept, bad videos are
-    skipped with one warning line each."""
+def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None, log=print,
+            videos=None, landmarks=None, skipped=None):
+    """Raw folder SRC of 300VW-layout videos (NNN/vid.avi + NNN/annot/*.pts) -> prepared dataset OUT (see
+    the module docstring). Re-runnable: finished videos are kept, bad videos are skipped with one warning
+    line each. Footage without .pts files comes from the caller (facesynth.py passes SRC's plain videos,
+    extras/landmarks.py: plain_videos): `videos` {name: its file in SRC}, `landmarks` a picklable f(video) ->
+    (landmarks (T,68,2), usable (T,) bool, warning lines), `skipped` {entry of SRC: its skip line}."""
     if not os.path.isdir(src):
         raise DataError(f"{src}: no such folder")
-    entry, plain, clashes = _entries(src)
-    names, detect = sorted(entry), None
-    if plain:  # stop now, not with one skip line per video
-        try:
-            if detector is None:
-                raise DataError("no landmark detector was given")
-            detect = detector()
-        except DataError as e:
-            raise DataError(f"{src}: its {len(plain)} plain video(s) have no landmarks to read, "
-                            f"and {e}") from None
+    videos, skipped = videos or {}, dict(skipped or {})
+    entry = {d: d for d in os.listdir(src) if d[0] != "." and os.path.isdir(os.path.join(src, d))}
+    entry.update(videos)
+    if not entry:
+        raise DataError(f"{src}: no video folders (NNN/vid.avi and NNN/annot/*.pts) and no video files "
+                        f"({' '.join(VIDEO_EXTS)})")
+    names = sorted(entry)
     meta = {"size": size, "crop_scale": crop_scale, "source": os.path.abspath(src),
             "synthetic": any(os.path.isfile(os.path.join(src, d, "params.json")) for d in names)}
     try:
@@ -381,21 +290,22 @@ def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None
     frames = sum(len(np.load(os.path.join(out, d, "landmarks.npy"), mmap_mode="r")) for d in existing)
     # Progress counts frames; the total starts at the .pts (or header) count, corrected as videos finish.
     annot = lambda d: os.path.join(src, d, "annot")
-    plan = {d: frame_count(os.path.join(src, entry[d])) if d in plain else
+    plan = {d: frame_count(os.path.join(src, entry[d])) if d in videos else
             len(os.listdir(annot(d))) if os.path.isdir(annot(d)) else 0 for d in todo}
-    total, n_done, prepared, skipped, warnings, t0 = sum(plan.values()), 0, [], [], [], time.time()
-    jobs = [(os.path.join(src, entry[d]), out, size, crop_scale, detect) for d in todo]
+    total, n_done, prepared, failed, warnings, t0 = sum(plan.values()), 0, [], [], [], time.time()
+    jobs = [(os.path.join(src, entry[d]), out, size, crop_scale, landmarks if d in videos else None)
+            for d in todo]
     for d, (n, warn) in zip(todo, pool_map(_prepare_one, jobs, workers)):
-        (prepared if n else skipped).append(d)
+        (prepared if n else failed).append(d)
         warnings += warn
         total += n - plan[d]
         n_done += n
         frames += n
-        progress("prepare", n_done, total, t0, extra=f"video {len(prepared) + len(skipped)}/{len(todo)}")
-    for w in [*clashes.values(), *warnings]:  # after the progress line, which overwrites itself
+        progress("prepare", n_done, total, t0, extra=f"video {len(prepared) + len(failed)}/{len(todo)}")
+    for w in [*skipped.values(), *warnings]:  # after the progress line, which overwrites itself
         log(w)
-    skipped += clashes
-    split = _write_split(out, sorted(existing + prepared), plain, split_src, mapping, log)
+    skipped = [*failed, *skipped]
+    split = _write_split(out, sorted(existing + prepared), videos, split_src, mapping, log)
     log(f"prepare: {len(prepared)} videos prepared, {len(existing)} already there, {len(skipped)} skipped, "
         f"{frames} frames in {out} ({', '.join(f'{k} {len(v)}' for k, v in split.items())})")
     return {"prepared": len(prepared), "existing": len(existing), "skipped": len(skipped), "frames": frames,
@@ -404,7 +314,8 @@ def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None
 
 def _write_split(out, names, plain, split_src, mapping, log):
     """OUT/split.json for the prepared videos `names`; videos outside the mapping go to train. Plain videos
-    have no official split: without a split file the last HELD_OUT of them by name are test1."""
+    (`plain`: no .pts) have no official split: without a split file the last HELD_OUT of them by name are
+    test1."""
     where = {v: k for k, vs in mapping.items() for v in vs}
     if not split_src:
         mine = [d for d in names if d in plain]
@@ -420,25 +331,7 @@ def _write_split(out, names, plain, split_src, mapping, log):
     return split
 
 
-# ------------------------------------------------------------------------ heatmaps, triplets, the feed, flips
-# Heatmaps. The paper: a Gaussian "applied over 7 pixels with a mean of 0 and a variance of 1/3".
-# Read literally (sigma^2 = 1/3 px^2) that is a one-pixel spike whose neighbours are 0.22: it gives
-# the generator almost no spatial gradient to follow. The original code drew sigma = 1 px at 128 px
-# and resized to 64 px, which flattened the peak to 0.65. We read it as: a 7-pixel window, sigma =
-# 1 px at the working size, peak exactly 1 at the landmark; both are options.
-SIGMA = 1.0
-WINDOW = 7
-
-
-def read_json(path, fix):
-    """A JSON file -> its value; an unreadable or malformed one is a DataError naming it and saying `fix`."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e}); {fix}") from None
-
-
+# ----------------------------------------------------------------------------- a prepared dataset
 def read_video(d, size=None):
     """A prepared video folder -> (frames memory-mapped, landmarks), checked where they enter: frames
     (T,S,S,3) uint8 (S = `size` when given), landmarks (T,68,2), finite. A bad one is one DataError
@@ -500,6 +393,7 @@ def load_videos(root, split):
     return videos
 
 
+# ----------------------------------------------------------------- triplets, the feed, flips, heatmaps
 def sample_triplets(videos, n, seed, epoch, max_gap=None):
     """n triplets (video, source, middle, target, flip) as an int64 array, a pure function of
     (seed, epoch) so that a resumed run sees exactly the data an uninterrupted one would.
@@ -581,8 +475,7 @@ def steps_per_epoch(args, world=1):
 
 def to_tensor(frames):
     """uint8 (B,S,S,3) -> float (B,3,S,S) in [-1, 1], on whatever device the frames are."""
-    frames = torch.as_tensor(np.array(frames) if isinstance(frames, np.ndarray)
-                             else frames)  # memmaps are read-only
+    frames = torch.as_tensor(np.array(frames) if isinstance(frames, np.ndarray) else frames)  # memmaps: read-only
     return frames.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
@@ -615,3 +508,72 @@ def heatmaps(landmarks, size, sigma=SIGMA, window=WINDOW):
     profile = profile * ((grid - landmarks.float().round().unsqueeze(-1)).abs() <= window // 2)
     return profile[:, :, 1, :, None] * profile[:, :, 0, None, :]   # y down the rows, x along them
 
+
+# ----------------------------------------------------------------------------- what every module shares
+class DataError(ValueError):
+    """Bad input: the message is one line that names the file or option and the problem."""
+
+
+class WriteError(DataError):
+    """A file that cannot be written (a full disk, no permission): it stops a run, never skips a video."""
+
+
+def why_not(e):
+    """An OSError's reason; numpy's short writes carry no errno."""
+    return e.strerror or f"{e}: is the disk full?"
+
+
+@contextlib.contextmanager
+def writing(path):
+    """`with writing(path) as tmp:` write `tmp` (this process's own name, same extension), which then
+    replaces `path` whole: a full disk, a crash or an interrupt leaves no partial file, the old one as it
+    was. A failing write is one WriteError naming the file."""
+    stem, ext = os.path.splitext(path)
+    tmp = f"{stem}.{os.getpid()}.tmp{ext}"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise WriteError(f"{path}: cannot write ({why_not(e)})") from None
+        raise
+
+
+def write_json(path, value):
+    with writing(path) as tmp, open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+
+
+def read_json(path, fix):
+    """A JSON file -> its value; an unreadable or malformed one is a DataError naming it and saying `fix`."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e}); {fix}") from None
+
+
+def progress(label, done, total, t0, unit="frames", extra=""):
+    """One self-overwriting progress line with rate and ETA; a newline once done == total."""
+    rate = done / max(time.time() - t0, 1e-9)
+    eta = (total - done) / rate if rate > 0 else float("inf")
+    end = "\n" if done >= total else ""
+    line = f"\r{label} {done}/{total} {rate:.1f} {unit}/s ETA {clock(eta)} {extra}".rstrip()
+    print(line, end=end, flush=True)
+
+
+def clock(seconds):
+    """Seconds as 7m05s, or 2h03m from an hour on; '?' when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(round(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+def pool_map(fn, jobs, workers):
+    """fn over jobs on `workers` processes (in this one for a single worker or job), results in order."""
+    with ProcessPoolExecutor(workers) if workers > 1 and len(jobs) > 1 else contextlib.nullcontext() as pool:
+        yield from (pool.map if pool else map)(fn, jobs)

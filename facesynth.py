@@ -508,7 +508,7 @@ def main(argv=None):
         elif verb == "prepare":
             summary = data.prepare(args.src, args.out, size=args.size, crop_scale=args.crop_scale,
                                    workers=args.workers, split_file=args.split_file,
-                                   detector=extras.landmarks.video_detector)
+                                   **extras.landmarks.plain_videos(args.src))
             if summary["prepared"] + summary["existing"] == 0:
                 cli.fail(f"{args.src}: no video could be prepared")
             print(f"prepared dataset in {args.out}/")

@@ -2695,7 +2695,7 @@ def test_prepare_plain_videos_then_train(astronaut, tmp_path):
     shutil.copy(src / "a.mp4", src / "a.mpg")  # the name a is a.mp4's, the first by file name
     (src / "notes.txt").write_text("not a video")
     logs = []
-    s = data.prepare(src, out, size=32, workers=2, detector=extras.landmarks.video_detector, log=logs.append)
+    s = data.prepare(src, out, size=32, workers=2, log=logs.append, **extras.landmarks.plain_videos(src))
     assert sorted(logs[:-1]) == sorted([
         "skip a.mpg: the name a is already a.mp4's (rename one)",
         f"c: {src / 'c.gif'}: no face found in 1 of 12 frames; those are left out",

@@ -16,7 +16,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from data import N_LANDMARKS, DataError, decode, face_size, frame_count, progress
+from data import N_LANDMARKS, DataError, decode, face_size, frame_count, is_video, progress
 
 DLIB_HINT = "pip install dlib-bin face-recognition-models"
 SEARCH_SIDE = 1280  # a whole frame is searched at most this wide (HOG costs ~ its area)
@@ -152,11 +152,40 @@ def detect_video(vid, n=None, show=False):
         raise DataError(f"{vid}: no frames")
     return lms, found
 
-def video_detector():
-    """detect_video, once dlib is known to be there (else the DataError that says what to install):
-    what `data.prepare` is given to read the landmarks of plain videos."""
-    dlib_models()
-    return detect_video
+
+def plain_videos(src):
+    """What `data.prepare` takes from SRC beside its 300VW folders: the video files (NAME.mp4, ...), named
+    by their stem, with a picklable reader of their landmarks. Returns prepare's keyword arguments
+    {"videos": {name: file}, "landmarks": usable_landmarks, "skipped": {file: skip line}} for a file whose
+    name a folder or an earlier file already has. Video files without dlib installed: the DataError that
+    says what to install, before any work."""
+    entries = sorted(d for d in os.listdir(src) if d[0] != ".") if os.path.isdir(src) else []
+    taken = {d: d for d in entries if os.path.isdir(os.path.join(src, d))}
+    videos, skipped = {}, {}
+    for f in (f for f in entries if is_video(os.path.join(src, f))):
+        stem = os.path.splitext(f)[0]
+        if stem in taken:
+            skipped[f] = f"skip {f}: the name {stem} is already {taken[stem]}'s (rename one)"
+        else:
+            taken[stem] = videos[stem] = f
+    if videos:  # stop now, not with one skip line per video
+        try:
+            dlib_models()
+        except DataError as e:
+            raise DataError(f"{src}: its {len(videos)} plain video(s) have no landmarks to read, "
+                            f"and {e}") from None
+    return {"videos": videos, "landmarks": usable_landmarks, "skipped": skipped}
+
+
+def usable_landmarks(vid):
+    """A plain video's detected landmarks for `prepare`: (landmarks, found, warning lines). Its frames
+    without a face are left out: the last landmarks on them would teach G a wrong face."""
+    lms, found = detect_video(vid)
+    if not found.any():
+        raise DataError(f"{vid}: no face found in its {len(found)} frames")
+    name = os.path.splitext(os.path.basename(vid))[0]
+    return lms, found, [] if found.all() else [f"{name}: {vid}: no face found in {(~found).sum()} of "
+                                               f"{len(found)} frames; those are left out"]
 
 
 def judge_scores(gen, src, src_lm, tgt_lm, k=4, label=None):
