@@ -119,30 +119,17 @@ def crop_face(frame, landmarks, size=64, crop_scale=CROP_SCALE):
 
 
 def decode(vid):
-    """A video's frames, one at a time, as RGB uint8 (H,W,3) (300VW frames are up to 1280 px: a whole
-    video may not fit in memory). GIFs go through Pillow (imageio's ffmpeg plugin refuses them), the
-    rest through ffmpeg. Decoders raise many kinds (OSError, RuntimeError, ...): any means undecodable."""
+    """A video's frames one at a time, RGB uint8 (H,W,3): 300VW's 1280 px frames of a whole video may not
+    fit in memory. GIFs go through Pillow (imageio's ffmpeg plugin refuses them), the rest through ffmpeg."""
     try:
         if str(vid).lower().endswith(".gif"):  # palette or RGBA frames: made RGB
             yield from imageio.v3.imiter(vid, plugin="pillow", mode="RGB")
         else:
             with imageio.get_reader(vid, "ffmpeg") as reader:
                 yield from reader
-    except Exception as e:  # ffmpeg's message is many lines; its first names the problem
+    except Exception as e:  # decoders raise many kinds; ffmpeg's message is many lines, its first says why
         raise DataError(f"{vid}: cannot decode "
                         f"({(str(e).strip() or type(e).__name__).splitlines()[0]})") from None
-
-
-def frame_count(vid):
-    """A video's frame count as its header tells it (for progress lines only), 0 when unknown."""
-    try:
-        if str(vid).lower().endswith(".gif"):
-            return imageio.v3.improps(vid, plugin="pillow").n_images
-        with imageio.get_reader(vid, "ffmpeg") as reader:
-            meta = reader.get_meta_data()
-        return round(meta["fps"] * meta["duration"])
-    except Exception:  # decode() reports an unreadable video properly
-        return 0
 
 
 def is_video(path):
@@ -159,9 +146,8 @@ def outside(lms, shape):
 
 
 def save_prepared(out, name, frames, marks, params=None):
-    """One prepared video -> OUT/NAME (frames.npy, landmarks.npy and, for synthetic videos,
-    params.json). Written to a temp folder and renamed: an interrupted run leaves no half video that
-    looks finished, and a re-run can keep every folder it finds."""
+    """One prepared video -> OUT/NAME (frames.npy, landmarks.npy, a synthetic video's params.json), written
+    to a temp folder and renamed: no half video looks finished, so a re-run can keep every folder it finds."""
     tmp, final = os.path.join(out, f".{name}.tmp"), os.path.join(out, name)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -201,7 +187,7 @@ def _prepare_video(vdir, out, size, crop_scale, landmarks=None):
         lms, found = np.stack([read_pts(f) for f in files]), np.ones(n, bool)  # before decoding: fail fast
         if not os.path.isfile(vid):
             raise DataError(f"{vid}: missing")
-    frames, marks, t = [], [], 0
+    crops, t = [], 0
     for frame in decode(vid):
         if t == len(lms):
             warn.append(f"{name}: {vid} has more frames than the {len(lms)} .pts files; "
@@ -211,18 +197,16 @@ def _prepare_video(vdir, out, size, crop_scale, landmarks=None):
             raise DataError(f"{files[int(np.argmax(outside(lms, frame.shape)))]}: a landmark lies more than "
                             f"a frame size outside the {frame.shape[1]}x{frame.shape[0]} frames of {vid}")
         if found[t]:
-            crop, uv = crop_face(frame, lms[t], size, crop_scale)
-            frames.append(crop)
-            marks.append(uv)
+            crops.append(crop_face(frame, lms[t], size, crop_scale))
         t += 1
     if 0 < t < len(lms):
         warn.append(f"{name}: {vid} has {t} frames for {len(lms)} .pts files; using the first {t}")
-    if len(frames) < MIN_FRAMES:  # sample_triplets could not use it, and evaluation pairs need two
-        raise DataError(f"{vid}: only {len(frames)} usable frame(s); a training triplet needs {MIN_FRAMES}")
+    if len(crops) < MIN_FRAMES:  # sample_triplets could not use it, and evaluation pairs need two
+        raise DataError(f"{vid}: only {len(crops)} usable frame(s); a training triplet needs {MIN_FRAMES}")
     own = os.path.join(vdir, "params.json")  # a synthetic video's identity and motion
     params = read_json(own, "make the synthetic video again") if os.path.isfile(own) else None
-    save_prepared(out, name, frames, marks, params)
-    return len(frames), warn
+    save_prepared(out, name, *zip(*crops), params)
+    return len(crops), warn
 
 
 def _prepare_one(job):
@@ -261,13 +245,13 @@ def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None
     """Raw folder SRC of 300VW-layout videos (NNN/vid.avi + NNN/annot/*.pts) -> prepared dataset OUT (see
     the module docstring). Re-runnable: finished videos are kept, bad videos are skipped with one warning
     line each. Footage without .pts files comes from the caller (facesynth.py passes SRC's plain videos,
-    extras/landmarks.py: plain_videos): `videos` {name: its file in SRC}, `landmarks` a picklable f(video) ->
-    (landmarks (T,68,2), usable (T,) bool, warning lines), `skipped` {entry of SRC: its skip line}."""
+    extras/landmarks.py: plain_videos): `videos` {name: (its file in SRC, its frame count)}, `landmarks` a
+    picklable f(video) -> (landmarks (T,68,2), usable (T,) bool, warnings), `skipped` {SRC entry: why}."""
     if not os.path.isdir(src):
         raise DataError(f"{src}: no such folder")
     videos, skipped = videos or {}, dict(skipped or {})
     entry = {d: d for d in os.listdir(src) if d[0] != "." and os.path.isdir(os.path.join(src, d))}
-    entry.update(videos)
+    entry.update({name: file for name, (file, _) in videos.items()})
     if not entry:
         raise DataError(f"{src}: no video folders (NNN/vid.avi and NNN/annot/*.pts) and no video files "
                         f"({' '.join(VIDEO_EXTS)})")
@@ -290,8 +274,8 @@ def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None
     frames = sum(len(np.load(os.path.join(out, d, "landmarks.npy"), mmap_mode="r")) for d in existing)
     # Progress counts frames; the total starts at the .pts (or header) count, corrected as videos finish.
     annot = lambda d: os.path.join(src, d, "annot")
-    plan = {d: frame_count(os.path.join(src, entry[d])) if d in videos else
-            len(os.listdir(annot(d))) if os.path.isdir(annot(d)) else 0 for d in todo}
+    plan = {d: videos[d][1] if d in videos else len(os.listdir(annot(d))) if os.path.isdir(annot(d)) else 0
+            for d in todo}
     total, n_done, prepared, failed, warnings, t0 = sum(plan.values()), 0, [], [], [], time.time()
     jobs = [(os.path.join(src, entry[d]), out, size, crop_scale, landmarks if d in videos else None)
             for d in todo]
@@ -313,9 +297,8 @@ def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None
 
 
 def _write_split(out, names, plain, split_src, mapping, log):
-    """OUT/split.json for the prepared videos `names`; videos outside the mapping go to train. Plain videos
-    (`plain`: no .pts) have no official split: without a split file the last HELD_OUT of them by name are
-    test1."""
+    """OUT/split.json for the prepared videos `names`; videos outside the mapping go to train. `plain`
+    videos have no official split: without a split file the last HELD_OUT of them by name are test1."""
     where = {v: k for k, vs in mapping.items() for v in vs}
     if not split_src:
         mine = [d for d in names if d in plain]
@@ -386,9 +369,8 @@ def load_videos(root, split):
     for name in names:
         d = os.path.join(root, name)
         frames, landmarks = read_video(d, size)
-        params = None
-        if os.path.isfile(os.path.join(d, "params.json")):
-            params = read_json(os.path.join(d, "params.json"), "prepare the video again")
+        own = os.path.join(d, "params.json")  # a synthetic video's identity and motion
+        params = read_json(own, "prepare the video again") if os.path.isfile(own) else None
         videos.append({"name": name, "frames": frames, "landmarks": landmarks, "params": params})
     return videos
 
@@ -432,8 +414,7 @@ def load_batch(videos, triplets):
 def batches(videos, args, start, total, rank=0, world=1, device=torch.device("cpu")):
     """Yield (step, batch) from step `start` on. A background thread gathers batches from the
     memory maps while the device computes; on CUDA they go through pinned memory."""
-    B = args["batch_size"]
-    per_epoch = steps_per_epoch(args, world)
+    B, per_epoch = args["batch_size"], steps_per_epoch(args, world)
 
     def work(q):
         try:
@@ -475,7 +456,7 @@ def steps_per_epoch(args, world=1):
 
 def to_tensor(frames):
     """uint8 (B,S,S,3) -> float (B,3,S,S) in [-1, 1], on whatever device the frames are."""
-    frames = torch.as_tensor(np.array(frames) if isinstance(frames, np.ndarray) else frames)  # memmaps: read-only
+    frames = torch.as_tensor(np.array(frames) if isinstance(frames, np.ndarray) else frames)  # memmap: copied
     return frames.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
@@ -525,9 +506,8 @@ def why_not(e):
 
 @contextlib.contextmanager
 def writing(path):
-    """`with writing(path) as tmp:` write `tmp` (this process's own name, same extension), which then
-    replaces `path` whole: a full disk, a crash or an interrupt leaves no partial file, the old one as it
-    was. A failing write is one WriteError naming the file."""
+    """`with writing(path) as tmp:` write `tmp` (this process's own name), which then replaces `path` whole:
+    a full disk, a crash or an interrupt leaves the old file as it was. A failure is one WriteError."""
     stem, ext = os.path.splitext(path)
     tmp = f"{stem}.{os.getpid()}.tmp{ext}"
     try:
@@ -560,9 +540,8 @@ def progress(label, done, total, t0, unit="frames", extra=""):
     """One self-overwriting progress line with rate and ETA; a newline once done == total."""
     rate = done / max(time.time() - t0, 1e-9)
     eta = (total - done) / rate if rate > 0 else float("inf")
-    end = "\n" if done >= total else ""
     line = f"\r{label} {done}/{total} {rate:.1f} {unit}/s ETA {clock(eta)} {extra}".rstrip()
-    print(line, end=end, flush=True)
+    print(line, end="\n" if done >= total else "", flush=True)
 
 
 def clock(seconds):

@@ -13,10 +13,11 @@ import math
 import os
 import time
 
+import imageio
 import numpy as np
 from PIL import Image
 
-from data import N_LANDMARKS, DataError, decode, face_size, frame_count, is_video, progress
+from data import N_LANDMARKS, DataError, decode, face_size, is_video, progress
 
 DLIB_HINT = "pip install dlib-bin face-recognition-models"
 SEARCH_SIDE = 1280  # a whole frame is searched at most this wide (HOG costs ~ its area)
@@ -144,6 +145,18 @@ def smooth_track(raw):
     return out[np.where(last < 0, np.argmax(found), last)], found
 
 
+def frame_count(vid):
+    """A video's frame count as its header tells it (for progress lines only), 0 when unknown."""
+    try:
+        if str(vid).lower().endswith(".gif"):
+            return imageio.v3.improps(vid, plugin="pillow").n_images
+        with imageio.get_reader(vid, "ffmpeg") as reader:
+            meta = reader.get_meta_data()
+        return round(meta["fps"] * meta["duration"])
+    except Exception:  # decode() reports an unreadable video properly
+        return 0
+
+
 def detect_video(vid, n=None, show=False):
     """A video file's landmarks, detected and smoothed: (landmarks (T,68,2), found (T,) bool)."""
     expected = min(frame_count(vid), n or math.inf) if show else 0
@@ -154,11 +167,10 @@ def detect_video(vid, n=None, show=False):
 
 
 def plain_videos(src):
-    """What `data.prepare` takes from SRC beside its 300VW folders: the video files (NAME.mp4, ...), named
-    by their stem, with a picklable reader of their landmarks. Returns prepare's keyword arguments
-    {"videos": {name: file}, "landmarks": usable_landmarks, "skipped": {file: skip line}} for a file whose
-    name a folder or an earlier file already has. Video files without dlib installed: the DataError that
-    says what to install, before any work."""
+    """What `data.prepare` takes from SRC beside its 300VW folders, as its keyword arguments: "videos",
+    SRC's video files (NAME.mp4, ...) named by their stem, {name: (file, frame count)}; "landmarks", the
+    picklable reader of their landmarks; "skipped", {file: skip line} for a file whose name a folder or
+    an earlier file has. Video files without dlib: the DataError that says what to install, at once."""
     entries = sorted(d for d in os.listdir(src) if d[0] != ".") if os.path.isdir(src) else []
     taken = {d: d for d in entries if os.path.isdir(os.path.join(src, d))}
     videos, skipped = {}, {}
@@ -167,7 +179,7 @@ def plain_videos(src):
         if stem in taken:
             skipped[f] = f"skip {f}: the name {stem} is already {taken[stem]}'s (rename one)"
         else:
-            taken[stem] = videos[stem] = f
+            taken[stem], videos[stem] = f, (f, frame_count(os.path.join(src, f)))
     if videos:  # stop now, not with one skip line per video
         try:
             dlib_models()
