@@ -402,13 +402,16 @@ def sample_triplets(videos, n, seed, epoch, max_gap=None):
 
 
 def load_batch(videos, triplets):
-    """Gather a batch from the memory maps: uint8 images (B,S,S,3) of source and target, and the
-    landmarks (B,68,2) of source, middle and target (the middle image itself is never needed)."""
-    get = lambda k: np.stack([videos[v]["frames"][t[k]] for v, t in zip(triplets[:, 0], triplets)])
-    lms = lambda k: np.stack([videos[v]["landmarks"][t[k]] for v, t in zip(triplets[:, 0], triplets)])
-    return {"I_s": torch.from_numpy(get(1)), "I_t": torch.from_numpy(get(3)),
-            "lm_s": torch.from_numpy(lms(1)), "lm_m": torch.from_numpy(lms(2)),
-            "lm_t": torch.from_numpy(lms(3)), "flip": torch.from_numpy(triplets[:, 4].astype(bool))}
+    """A batch gathered from the memory maps: uint8 images (B,S,S,3) of source and target, the landmarks
+    (B,68,2) of source, middle and target (the middle image itself is never needed). A triplet marked
+    for a horizontal flip has all three frames flipped alike, its landmarks mirrored."""
+    get = lambda key, k: np.stack([videos[v][key][t] for v, t in zip(triplets[:, 0], triplets[:, k])])
+    b = {"I_s": get("frames", 1), "I_t": get("frames", 3),
+         "lm_s": get("landmarks", 1), "lm_m": get("landmarks", 2), "lm_t": get("landmarks", 3)}
+    flip = triplets[:, 4].astype(bool)
+    for k, x in b.items():
+        x[flip] = x[flip, :, ::-1] if k[0] == "I" else mirror_landmarks(x[flip], b["I_s"].shape[2])
+    return {k: torch.from_numpy(x) for k, x in b.items()}
 
 
 def batches(videos, args, start, total, rank=0, world=1, device=torch.device("cpu")):
@@ -440,14 +443,7 @@ def batches(videos, args, start, total, rank=0, world=1, device=torch.device("cp
             raise item
         step, b = item
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-        I_s, I_t = to_tensor(b.pop("I_s")), to_tensor(b.pop("I_t"))
-        # horizontal flip, the same for all three frames of a triplet, landmark order mirrored
-        f = b.pop("flip")
-        pick = lambda a, c: torch.where(f.view(-1, *[1] * (a.dim() - 1)), c, a)
-        out = {"I_s": pick(I_s, I_s.flip(-1)), "I_t": pick(I_t, I_t.flip(-1))}
-        for k in ("lm_s", "lm_m", "lm_t"):
-            out[k] = pick(b[k], mirror_landmarks(b[k], I_s.shape[-1]))
-        yield step, out
+        yield step, {**b, "I_s": to_tensor(b["I_s"]), "I_t": to_tensor(b["I_t"])}
 
 
 def steps_per_epoch(args, world=1):
@@ -469,7 +465,7 @@ def to_uint8(images):
 def mirror_landmarks(landmarks, size):
     """Landmarks (B,68,2) of a horizontally flipped image: x -> size-1-x for pixel centres, and
     the point order permuted so that the new left eye is the old right eye mirrored."""
-    mirrored = landmarks[:, MIRROR].clone()
+    mirrored = landmarks[:, MIRROR]  # a copy (numpy or torch)
     mirrored[..., 0] = size - 1 - mirrored[..., 0]
     return mirrored
 
