@@ -10,31 +10,144 @@ The faces are held-out pairs that depend only on the dataset, split, --n and --s
 scored on the same pairs and runs compare pair by pair.
 """
 import csv
-import glob
 import json
 import math
 import os
+import struct
 import time
+import zlib
 
 import numpy as np
 import torch
-from PIL import ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 import data
 import networks
 from data import DataError, progress
 from extras import cli, landmarks, synthetic
-from extras.figures import COLORS, FONT, axes, panels, tile_figure, viridis, write_png
 from losses import TERMS
 
 # ----------------------------------------------------------------------------- defaults
 N_FIGURE, N_EVAL, SEED = 6, 200, 0   # pairs in a figure, pairs scored by metrics, pair-sampling seed
 VMIN, VMAX = 0, 96                   # the paper: error 0 -> dark blue, >= 96 of 255 -> yellow
-N_PERM = 10000                       # sign flips in the paired permutation test
 FLICKER_VIDEOS, FLICKER_FRAMES = 8, 24  # flicker: the first 8 videos of the split, 24 frames each
 TAIL = 0.1                           # "end of training" = mean of the last 10 % of the log's rows
 T975 = (12.706, 4.303, 3.182, 2.776)  # Student t 97.5 % quantiles, df 1..4
+WIDTH = 100                          # the terminal's table: at most 100 columns, FIRST's metrics first
+FIRST = ("L1", "PSNR", "SSIM", "x_L1", "x_PSNR", "x_SSIM", "flicker", "lm_err", "id_dist")
+# Every figure with faces, the sample grids and reenact's video: these columns, in this order.
+COLUMNS = ("source", "target landmarks", "generated", "target")
+_VIDEOS = {}  # videos_of's cache: (root, split) -> videos
 
+
+# ----------------------------------------------------------------------------- the drawing kit
+# By hand, so that no matplotlib is needed: a PNG writer, viridis, labelled tiles of faces, plot axes.
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+# Viridis (van der Walt & Smith; matplotlib's _viridis_data, CC0): 22 of its 256 entries as
+# (index, r, g, b), picked greedily so that linear interpolation between them stays within 0.82 of
+# one 8-bit level of every published entry (8-bit colours off by at most 1).
+VIRIDIS = np.array([
+    (0, .267004, .004874, .329415), (14, .281446, .084320, .407414), (26, .282290, .145912, .461510),
+    (38, .273006, .204520, .501721), (50, .255645, .260703, .528312), (65, .227802, .326594, .546532),
+    (83, .194100, .399323, .555565), (108, .154815, .493313, .557840), (128, .127568, .566949, .550556),
+    (142, .119699, .618490, .536347), (153, .134692, .658636, .517649), (164, .175707, .697900, .491033),
+    (176, .246070, .738910, .452024), (188, .335885, .777018, .402049), (202, .458674, .816363, .329727),
+    (214, .575563, .844566, .256415), (231, .751884, .874951, .143228), (238, .824940, .884720, .106217),
+    (242, .866013, .889868, .095953), (246, .906311, .894855, .098125), (250, .945636, .899815, .112838),
+    (255, .993248, .906157, .143936)])
+FONT = {s: ImageFont.load_default(size=s) for s in (10, 11, 13)}  # Pillow >= 10: scalable
+
+
+def png_bytes(img):
+    """8-bit grey (H,W) or RGB (H,W,3) -> PNG: signature, then IHDR, one zlib IDAT and IEND chunks,
+    each length + type + data + CRC-32(type + data). Every row starts with filter byte 0 (none)."""
+    img = np.ascontiguousarray(img, dtype=np.uint8)
+    h, w = img.shape[:2]
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), img.reshape(h, -1)], axis=1)
+    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body
+                                + struct.pack(">I", zlib.crc32(kind + body)))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0 if img.ndim == 2 else 2, 0, 0, 0)  # depth 8, grey / RGB
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9))
+            + chunk(b"IEND", b""))
+
+
+def write_png(path, img):
+    with data.writing(path) as tmp, open(tmp, "wb") as f:  # whole or not at all
+        f.write(png_bytes(img))
+    return path
+
+
+def viridis(t):
+    """Values in [0, 1] (clipped) -> uint8 (..., 3) viridis colours."""
+    x = np.clip(np.asarray(t, dtype=np.float64), 0, 1) * 255
+    rgb = np.stack([np.interp(x, VIRIDIS[:, 0], VIRIDIS[:, c]) for c in (1, 2, 3)], axis=-1)
+    return np.round(rgb * 255).astype(np.uint8)
+
+
+def label_strip(labels, cell, height=16):
+    """White, a black label centred over each of len(labels) panels cell pixels wide: uint8 (height,W,3)."""
+    im = Image.new("RGB", (cell * len(labels), height), "white")
+    d = ImageDraw.Draw(im)
+    for c, label in enumerate(labels):
+        d.text((c * cell + cell / 2, 2), label[:cell // 6], fill="black", anchor="ma", font=FONT[11])
+    return np.asarray(im)
+
+
+def tile_figure(columns, labels, colorbar=None):
+    """Columns of (N,S,S,3) tiles scaled up to >= 128 px (so the labels fit), labels on top, and for
+    heatmaps a viridis colour bar (vmin, vmax) underneath. Returns uint8 (H,W,3)."""
+    n, size = columns[0].shape[:2]
+    cell = size * max(1, 128 // size)
+    im = Image.new("RGB", (cell * len(labels), 18 + cell * n + (34 if colorbar else 0)), "white")
+    d = ImageDraw.Draw(im)
+    im.paste(Image.fromarray(label_strip(labels, cell, 18)), (0, 0))
+    for c, column in enumerate(columns):
+        for r, tile in enumerate(column):
+            im.paste(Image.fromarray(tile).resize((cell, cell), Image.NEAREST), (c * cell, 18 + r * cell))
+    if colorbar:
+        y, w = 22 + cell * n, min(im.width - 40, 256)
+        im.paste(Image.fromarray(np.repeat(viridis(np.linspace(0, 1, w))[None], 10, 0)), (20, y))
+        for f, v in zip((0, .5, 1), (colorbar[0], sum(colorbar) / 2, colorbar[1])):
+            d.text((20 + f * (w - 1), y + 12), f"{v:g}" + "+" * (f == 1), fill="black", anchor="ma",
+                   font=FONT[11])
+        d.text((w + 28, y), "|generated - target|, 0-255", fill="black", font=FONT[11])
+    return np.asarray(im)
+
+
+def ticks(lo, hi, log=False):
+    """Powers of ten on a log axis, else about five at 1, 2 or 5 x 10^k."""
+    if log:
+        return [10.0 ** k for k in range(math.ceil(math.log10(lo)), math.floor(math.log10(hi)) + 1)]
+    raw = (hi - lo) / 5 or 1.0
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+    return list(np.arange(math.ceil(lo / step) * step, hi + step * 1e-6, step))
+
+
+def axes(d, box, xr, yr, log=False, title="", xlabel="", ylabel="", xticks=True):
+    """Frame, ticks and labels around box (x0, y0, x1, y1); returns the data -> pixel maps."""
+    x0, y0, x1, y1 = box
+    tf = math.log10 if log else float
+    fx = lambda v: x0 + (v - xr[0]) / ((xr[1] - xr[0]) or 1) * (x1 - x0)
+    fy = lambda v: y1 - (tf(v) - tf(yr[0])) / ((tf(yr[1]) - tf(yr[0])) or 1) * (y1 - y0)
+    d.rectangle(box, outline="black")
+    for v in ticks(*yr, log):
+        d.line([(x0 - 4, fy(v)), (x0, fy(v))], fill="black")
+        d.text((x0 - 6, fy(v)), f"{v:.3g}", fill="black", anchor="rm", font=FONT[11])
+    for v in ticks(*xr, False) if xticks else []:
+        d.line([(fx(v), y1), (fx(v), y1 + 4)], fill="black")
+        d.text((fx(v), y1 + 6), f"{v:.6g}", fill="black", anchor="ma", font=FONT[11])
+    d.text(((x0 + x1) / 2, y0 - 40), title, fill="black", anchor="ma", font=FONT[13])
+    d.text((x0 - 50, y0 - 8), ylabel, fill="black", anchor="ls", font=FONT[11])
+    d.text(((x0 + x1) / 2, y1 + 22), xlabel, fill="black", anchor="ma", font=FONT[11])
+    return fx, fy
+
+
+def panels(n, w=380, h=280):
+    """A white canvas for n plot panels, 4 to a row, its ImageDraw, and each panel's plotting box."""
+    im = Image.new("RGB", (w * min(n, 4), h * math.ceil(n / 4)), "white")
+    cells = (divmod(i, 4) for i in range(n))
+    boxes = [(c * w + 70, r * h + 48, c * w + w - 15, r * h + h - 45) for r, c in cells]
+    return im, ImageDraw.Draw(im), boxes
 
 
 # ----------------------------------------------------------------------------- what figures show
@@ -47,9 +160,8 @@ def error_heatmap(generated, target, vmin=VMIN, vmax=VMAX):
 def landmark_picture(lm, cfg):
     """The landmark columns: uint8 (N,S,S,3) pictures of what G is given for (N,68,2) landmarks, with
     the run's heatmap size, sigma and window."""
-    a = cfg["args"]
-    lm = torch.as_tensor(np.asarray(lm))
-    return data.to_uint8(data.heatmap_picture(lm, a["size"], a["sigma"], a["window"]))
+    hm = cfg["args"]["size"], cfg["args"]["sigma"], cfg["args"]["window"]
+    return data.to_uint8(data.heatmap_picture(torch.as_tensor(np.asarray(lm)), *hm))
 
 
 # ----------------------------------------------------------------------------- runs, pairs, generation
@@ -59,9 +171,6 @@ def labels(run_dirs):
     base = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
     return [os.path.relpath(p, base).replace(os.sep, "-") if p != base else os.path.basename(p)
             for p in paths]
-
-
-_VIDEOS = {}
 
 
 def videos_of(root, split=None):
@@ -155,27 +264,13 @@ def mean_ci(x):
     return [float(x.mean()), float(x.mean() - h), float(x.mean() + h)]
 
 
-def sign_flip_p(d, n=N_PERM, seed=SEED):
-    """Two-sided paired permutation test of mean(d) = 0: under H0 (the two sides are exchangeable on
-    every pair) each difference's sign is a coin toss. p = (1 + #{|flipped sum| >= |sum|}) / (n + 1)."""
-    d = np.asarray(d, dtype=np.float64)
-    flips = np.random.default_rng(seed).choice((-1.0, 1.0), size=(n, len(d)))
-    return float((1 + np.sum(np.abs(flips @ d) >= abs(d.sum()) - 1e-9)) / (n + 1))
-
-
-def check_runs(run_dirs, data_root=None, split=None):
-    """Every run's checkpoint and test videos, read before any work: a mistyped last run fails at once,
-    not after the others are scored."""
-    for run_dir in run_dirs:
-        videos_of(data_root or networks.load_checkpoint(run_dir)["args"]["data"], split)
-
-
 def metrics(run_dirs, split=None, data_root=None, n_pairs=N_EVAL, seed=SEED, device="cpu", judge=0):
     """Score each run on the deterministic pairs of its dataset (its config's, unless `data`). Returns
     {"split", "n_pairs", "seed", "judge", "runs": {run_dir: {"data", "split", "pairs": {metric: [per
     pair]}, "summary": {metric: [mean, low, high]}}}}, the interval a 95 % t-interval over pairs.
     judge: how many of the pairs dlib's face judge scores (~0.3 s a pair, so none unless asked)."""
-    check_runs(run_dirs, data_root, split)
+    for run_dir in run_dirs:  # every checkpoint and dataset read first: a mistyped last run fails at once
+        videos_of(data_root or networks.load_checkpoint(run_dir)["args"]["data"], split)
     out, t0 = {"n_pairs": n_pairs, "seed": seed, "runs": {}}, time.time()
     for i, run_dir in enumerate(run_dirs):
         tag = f"metrics {i + 1}/{len(run_dirs)}"
@@ -184,21 +279,11 @@ def metrics(run_dirs, split=None, data_root=None, n_pairs=N_EVAL, seed=SEED, dev
         out["split"], videos = videos_of(root, split)
         src, src_lm, tgt, tgt_lm = gather(videos, n_pairs, seed)
         gen = networks.generate(G, cfg, src, tgt_lm, label=f"{tag} same-video pairs:")
-        first = (x[:judge] for x in (gen, src, src_lm, tgt_lm))
-        judged = judge and landmarks.judge_scores(*first, label=f"{tag} judge:")
-        out["judge"] = (f"dlib, on the first {min(judge, n_pairs)} pairs" if judged else "off (--judge N)"
-                        if not judge else "skipped (dlib / face_recognition_models not installed)")
-        pairs = {**scores(gen, tgt), **(judged or {})}
+        judged, out["judge"] = landmarks.judge(gen, src, src_lm, tgt_lm, judge, f"{tag} judge:")
+        pairs = {**scores(gen, tgt), **judged}
         if len(videos) > 1 and all(v["params"] for v in videos):  # the synthetic set: cross-identity
-            t = synthetic.cross_targets(root, out["split"], videos, n_pairs, seed, f"{tag} rendering truth:")
-            x_gen = networks.generate(G, cfg, t["src"], t["lm"], label=f"{tag} cross-identity pairs:")
-            pairs.update(scores(x_gen, t["img"], "x_"))
-            # the paper's setting: the driver's own landmarks (B's face shape), against the same truth
-            xabs = networks.generate(G, cfg, t["src"], t["drv_lm"], label=f"{tag} cross, driver's landmarks:")
-            pairs.update(scores(xabs, t["img"], "xabs_"))
-            pairs.update({"leak_" + k: [synthetic.leak_score(x_gen[j], t["img"][j], worn)
-                                        for j, worn in items]
-                          for k, items in t["leak"].items() if items})
+            draw = lambda sources, lm, label: networks.generate(G, cfg, sources, lm, label=label)
+            pairs.update(synthetic.cross_scores(root, out["split"], videos, n_pairs, seed, draw, scores, tag))
         pairs["flicker"], t1 = [], time.time()
         for k, v in enumerate(videos[:FLICKER_VIDEOS]):
             pairs["flicker"].append(flicker_ratio(G, cfg, v))
@@ -214,10 +299,6 @@ def metrics(run_dirs, split=None, data_root=None, n_pairs=N_EVAL, seed=SEED, dev
 
 
 # ----------------------------------------------------------------------------- figures
-# Every figure with faces, the sample grids and reenact's video: these columns, in this order.
-COLUMNS = ("source", "target landmarks", "generated", "target")
-
-
 def generated_pairs(run_dirs, split, data_root, n, seed, device):
     """The first n evaluation pairs of the runs' (one) dataset as image columns: source, the target
     landmarks as the first run's G is given them, target, and the list of each run's generated images."""
@@ -230,21 +311,9 @@ def generated_pairs(run_dirs, split, data_root, n, seed, device):
     return src, landmark_picture(tgt_lm, runs[0][1]), tgt, gens
 
 
-def sample_pairs(args, device, n=4):
-    """The sample grids' pairs, fixed for a run: the first n of metrics' pairs on the run's first test
-    split (train when it has none), so that every step's grid shows the same held-out faces."""
-    try:
-        split, videos = videos_of(args["data"])
-    except DataError:
-        split, videos = "train", data.load_videos(args["data"], "train")
-    src, _, tgt, lm = gather(videos, n)
-    return {"split": split, "src": src, "tgt": tgt, "I_s": data.to_tensor(src).to(device),
-            "lm_t": torch.as_tensor(lm, device=device)}
-
-
 @torch.no_grad()
 def sample_grid(G, pairs, args, path, step):
-    """samples/step_NNNNNN.png: the fixed pairs as COLUMNS, G's drawing at this step."""
+    """samples/step_NNNNNN.png: train's fixed pairs (sample_pairs) as COLUMNS, G's drawing at this step."""
     hm = args["size"], args["sigma"], args["window"]
     fake = data.to_uint8(G(pairs["I_s"], data.heatmaps(pairs["lm_t"], *hm)))
     head = [f"source ({pairs['split']})", COLUMNS[1], f"generated, step {step}", COLUMNS[3]]
@@ -301,8 +370,8 @@ def loss_figures(run_dirs, out):
     logs, names = [read_log(r) for r in run_dirs], labels(run_dirs)
     ends = [[float(np.nanmean(c[t][-max(1, int(len(s) * TAIL)):])) if t in c else 0.0 for t in TERMS]
             for s, c in logs]
-    im, boxes = panels(len(logs))
-    d, top = ImageDraw.Draw(im), max(max(map(max, ends)), 1e-12) * 1.15
+    im, d, boxes = panels(len(logs))
+    top = max(max(map(max, ends)), 1e-12) * 1.15
     for name, e, box in zip(names, ends, boxes):
         fx, fy = axes(d, box, (0, len(TERMS)), (0, top), title=name, ylabel="lambda * L, end of training",
                       xticks=False)
@@ -316,8 +385,7 @@ def loss_figures(run_dirs, out):
     smooth = lambda y: np.convolve(np.nan_to_num(y), np.ones(k(y)) / k(y), "valid")
     colour = lambda t: COLORS[TERMS.index(t)] if t in TERMS else "black"
     pos = np.concatenate([smooth(y)[smooth(y) > 0] for _, c in logs for y in c.values()] + [np.ones(1)])
-    im, boxes = panels(len(logs))
-    d = ImageDraw.Draw(im)
+    im, d, boxes = panels(len(logs))
     for name, (steps, c), box in zip(names, logs, boxes):
         x = steps[k(steps) - 1:]
         fx, fy = axes(d, box, (x[0], max(x[-1], x[0] + 1)), (pos.min(), pos.max() * 1.5), log=True,
@@ -336,7 +404,7 @@ def loss_figures(run_dirs, out):
     return bars, write_png(os.path.join(out, "loss_curves.png"), np.asarray(im))
 
 
-# ----------------------------------------------------------------------------- tables and the report
+# ----------------------------------------------------------------------------- tables
 def fmt(s):
     return f"{s[0]:.4g} [{s[1]:.4g}, {s[2]:.4g}]" if math.isfinite(s[1]) else f"{s[0]:.4g}"
 
@@ -364,11 +432,6 @@ def save_metrics(m, out):
     return md
 
 
-# The terminal's table: the metrics a reader looks at first, as many as fit in WIDTH columns.
-FIRST = ("L1", "PSNR", "SSIM", "x_L1", "x_PSNR", "x_SSIM", "flicker", "lm_err", "id_dist")
-WIDTH = 100
-
-
 def short_table(m, width=WIDTH):
     """Mean ± half the 95 % interval per run and metric, plain text within `width` columns: FIRST's
     metrics first, then the others while they fit. Returns (text, the metrics left out)."""
@@ -376,74 +439,9 @@ def short_table(m, width=WIDTH):
     keys = list(dict.fromkeys(k for _, r in runs for k in r["summary"]))
     keys = sorted(keys, key=lambda k: FIRST.index(k) if k in FIRST else len(FIRST))
     cell = lambda s: f"{s[0]:.3g}" + (f"±{(s[2] - s[1]) / 2:.2g}" if math.isfinite(s[1]) else "")
-    cols = [["run"] + [n[-30:] for n, _ in runs]]
-    for k in keys:
-        col = [k] + [cell(r["summary"][k]) if k in r["summary"] else "-" for _, r in runs]
-        if sum(max(map(len, c)) + 2 for c in cols + [col]) > width:
-            break
-        cols.append(col)
-    w = [max(map(len, c)) for c in cols]
-    rows = [("  ".join(c[i].ljust(w[j]) if j == 0 else c[i].rjust(w[j]) for j, c in enumerate(cols))).rstrip()
-            for i in range(len(cols[0]))]
-    return "\n".join(rows[:1] + ["-" * len(rows[0])] + rows[1:]), keys[len(cols) - 1:]
-
-
-def write_report(groups, out_dir, split=None, data_root=None, n_pairs=N_EVAL, seed=SEED, device="cpu"):
-    """REPORT.md for groups = {"full": [run dirs, one per seed], "no_pix": [...], ...}: the group table,
-    each group's difference from "full" with p-values, every run, the figures. Returns its path."""
-    run_dirs = [r for rs in groups.values() for r in rs]
-    m = metrics(run_dirs, split, data_root, n_pairs, seed, device)
-    runs, per_run = m["runs"], save_metrics(m, out_dir)
-    if len({(r["data"], r["split"]) for r in runs.values()}) > 1:
-        raise DataError(f"{out_dir}: the runs were scored on different datasets; "
-                        "pass data_root= to compare them")
-    figures = [*loss_figures(run_dirs, out_dir), heatmap_figure([rs[0] for rs in groups.values()], out_dir,
-                                                                split, data_root, seed=seed, device=device)]
-    keys = list(dict.fromkeys(k for r in runs.values() for k in r["summary"]))
-    # A group's score: the mean over its seeds of each run's mean over pairs; its interval a t-interval
-    # over seeds (the training randomness) with >= 2 seeds, else over the pairs of its one run.
-    cell = lambda rs, k: fmt(mean_ci([runs[r]["summary"][k][0] for r in rs]) if len(rs) > 1
-                             else runs[rs[0]]["summary"][k])
-    text = [f"# Ablation report\n\nSplit `{m['split']}`, {n_pairs} source/target pairs (seed {seed}), the "
-            f"same for every run; judge: {m['judge']}. L1: mean |generated - target|, 0-255 (lower is "
-            "better); PSNR: dB; SSIM: 11x11 Gaussian. Synthetic set: x_ = identity A driven by B's "
-            "pose/expression vs its rendered "
-            "truth, xabs_ = conditioned on B's own landmarks instead (the paper's use), leak_ = share of B's "
-            "glasses/beard pixels copied onto A (lower is better; see extras/synthetic.py: leak_score).\n",
-            "## Groups: mean over seeds [95 % t-interval over seeds; over pairs for a single seed]\n",
-            table(["group", "seeds"] + keys, [[g, str(len(rs))] + [cell(rs, k) for k in keys]
-                                              for g, rs in groups.items()])]
-    if "full" in groups and len(groups) > 1:
-        # Paired over the shared pairs: d_i = ablation - full on pair i, each side averaged over its
-        # seeds; a two-sided sign-flip permutation test; Bonferroni over every cell of the table. It asks
-        # "do these (seed-averaged) models differ on this data?"; the spread over seeds is the group table's.
-        tests = len(keys) * (len(groups) - 1)
-        avg = lambda rs, k: np.mean([runs[r]["pairs"][k] for r in rs], axis=0)
-        others = [g for g in groups if g != "full"]
-        diff = {(g, k): avg(groups[g], k) - avg(groups["full"], k) for g in others for k in keys}
-        p = {gk: sign_flip_p(d) for gk, d in diff.items()}
-        rows = [[g] + [f"{diff[g, k].mean():+.3g} (p={p[g, k]:.2g})" + " *" * (p[g, k] < 0.05 / tests)
-                       for k in keys]
-                for g in others]
-        text += [f"\n## Differences from `full` (ablation - full, mean over pairs; p: paired sign-flip test, "
-                 f"{N_PERM} flips, seeds averaged first; * = significant at 0.05 / {tests}, Bonferroni)\n",
-                 table(["group"] + keys, rows)]
-    text += ["\n## Every run: mean [95 % t-interval over pairs]\n", per_run, "\n## Figures\n"]
-    text += [f"![{os.path.basename(path)}]({os.path.relpath(path, out_dir)})\n" for path in figures]
-    with data.writing(os.path.join(out_dir, "REPORT.md")) as tmp, open(tmp, "w") as f:
-        f.write("\n".join(text))
-    return os.path.join(out_dir, "REPORT.md")
-
-
-def latest_run(root="runs"):
-    """--runs left out: the run under root whose checkpoint was written last, said aloud."""
-    found = glob.glob(os.path.join(root, "**", "ckpt.pt"), recursive=True)
-    if not found:
-        raise DataError(f"no trained run under {root}/ yet: train one first (python facesynth.py train "
-                        f"--steps 200 --out {root}/short), or name runs with --runs")
-    run = os.path.dirname(max(found, key=os.path.getmtime))
-    print(f"--runs not given: the most recent run, {run}")
-    return [run]
+    cols = [[k] + [cell(r["summary"][k]) if k in r["summary"] else "-" for _, r in runs] for k in keys]
+    text, shown = cli.columns([["run"] + [n[-30:] for n, _ in runs]] + cols, width)
+    return text, keys[shown - 1:]
 
 
 def main(argv=None):
@@ -479,7 +477,7 @@ def main(argv=None):
         cli.writable(a.out, folder=True)  # before any computing
         if a.cmd == "heatmaps" and not a.vmin < a.vmax:
             raise DataError(f"--vmin {a.vmin:g} --vmax {a.vmax:g}: the colour scale needs vmin < vmax")
-        a.runs = a.runs or latest_run()
+        a.runs = a.runs or cli.latest_run()
         if a.cmd == "losses":
             paths = loss_figures(a.runs, a.out)
         elif a.cmd == "metrics":

@@ -15,6 +15,7 @@ G's four passes, D's update on real vs generated, then G's update on the six-ter
 """
 import contextlib
 import csv
+import functools
 import os
 import signal
 import sys
@@ -28,6 +29,7 @@ import evaluate
 import losses
 import networks
 from data import DataError
+import extras.ablation
 import extras.cli as cli
 import extras.landmarks
 import extras.play
@@ -212,6 +214,18 @@ def start_outputs(out, config, start):
         csv.writer(f).writerows([LOG_FIELDS] + rows)
 
 
+def sample_pairs(args, device, n=4):
+    """The sample grids' pairs, fixed for a run: the first n of metrics' pairs on the run's first test
+    split (train when it has none), so that every step's grid shows the same held-out faces."""
+    try:
+        split, videos = evaluate.videos_of(args["data"])
+    except DataError:
+        split, videos = "train", data.load_videos(args["data"], "train")
+    src, _, tgt, lm = evaluate.gather(videos, n)
+    return {"split": split, "src": src, "tgt": tgt, "I_s": data.to_tensor(src).to(device),
+            "lm_t": torch.as_tensor(lm, device=device)}
+
+
 def log_row(path, step, per_epoch, seconds, rate, vals, args):
     row = [step, f"{step / per_epoch:.3f}", f"{seconds:.1f}", f"{rate:.2f}"]
     row += [f"{vals[t]:.5g}" if t in vals else "" for t in TERMS]
@@ -283,7 +297,7 @@ def train_run(args, run, ckpt):
               "params_D": networks.count_params(D), "world_size": world, "device": str(device)}
     if main_rank:
         start_outputs(out, config, start)
-        pairs = evaluate.sample_pairs(args, device)
+        pairs = sample_pairs(args, device)
     log(f"G {config['params_G'] / 1e6:.2f}M params, D {config['params_D'] / 1e6:.3f}M params, "
         f"VGG: {vgg_source}; "
         f"{len(videos)} train videos, {total} steps of {B} triplets ({per_epoch} steps/epoch) on {device}"
@@ -343,69 +357,18 @@ def train_run(args, run, ckpt):
 
 
 # ----------------------------------------------------------------------------- speed
-def bench_models(args, device, seed=0):
-    """Fresh G, D, a VGG of random features and both optimisers from one seed: bench times the maths."""
-    torch.manual_seed(seed)
-    G = networks.build_generator(args).to(device)
-    D = networks.Discriminator(ndf=args["ndf"]).to(device)
-    vgg = networks.VGG19(losses.VGG_LAYERS, args["vgg_widths"] or networks.VGG_WIDTHS).to(device)
-    networks.to_layout(vgg, device)  # as train's
-    opts = (torch.optim.Adam(G.parameters(), lr=LR_G, betas=BETAS),
-            torch.optim.Adam(D.parameters(), lr=LR_D, betas=BETAS))
-    return G, D, vgg, opts
-
-
 def bench(args):
-    """Time full training steps against the device's peak (extras/speed.py measures)."""
-    return extras.speed.bench(args, train_step, bench_models, CACHE, EPOCHS * TRIPLETS_PER_EPOCH)
+    """Time full training steps against the device's peak (extras/speed.py measures): train's step, on
+    fresh models with train's Adam settings."""
+    models = functools.partial(extras.speed.bench_models, lr_g=LR_G, lr_d=LR_D, betas=BETAS)
+    return extras.speed.bench(args, train_step, models, CACHE, EPOCHS * TRIPLETS_PER_EPOCH)
 
 
 # ----------------------------------------------------------------------------- the ablation study
-# The paper's four runs (Fig. 2/3), and with --single one run per term switched off.
-GROUP_RUNS = {"full": [], "no_pix": ["pix"], "no_consistency": ["consistency"], "no_feature": ["feature"]}
-
-
 def ablation(args):
-    """Train every ablation over --seeds seeds into OUT/NAME/seedK (finished runs are skipped, a
-    cut one resumes), then evaluate them all and write OUT/REPORT.md."""
-    root, n_seeds, single = args.pop("out"), args.pop("seeds"), args.pop("single")
-    runs = {name: {"ablate": groups} for name, groups in GROUP_RUNS.items()}
-    if single:
-        runs.update({f"no_{t}": {f"lambda_{t}": 0.0} for t in TERMS})
-    if args["data"] is None:
-        args["data"] = extras.synthetic.ensure_synthetic(CACHE)
-    total = args["steps"] or args["epochs"] * data.steps_per_epoch(args)
-    dirs = {name: [os.path.join(root, name, f"seed{seed}") for seed in range(n_seeds)] for name in runs}
-    given = set(args) - SESSION - SCHEDULE - {"split", "resume"}  # every option must be the runs' own
-    steps = {}
-    for name, change in runs.items():  # all checked before any training: one REPORT, one set of options
-        for seed, out in enumerate(dirs[name]):
-            if networks.holds_run(out):  # as --resume checks it, with every option typed
-                mine = {**args, **change, "seed": seed, "out": out, "resume": out}
-                steps[out] = resumed({**mine, "_given": given | set(change) | {"seed"}})[2]["step"]
-    for i, (name, change) in enumerate(runs.items()):
-        for seed, out in enumerate(dirs[name]):
-            done = steps.get(out, 0)
-            print(f"ablation {name} seed {seed} ({i * n_seeds + seed + 1}/{len(runs) * n_seeds}): "
-                  + ("finished, skipped" if done >= total else f"training from step {done}"), flush=True)
-            if done >= total:
-                continue
-            run = {**args, **change, "seed": seed, "out": out, "steps": total}
-            if done:
-                run = {**run, "resume": out, "_given": {"steps"}}
-            train(run)
-    report = evaluate.write_report(dirs, root, split=args.get("split"), data_root=args["data"])
-    print(f"ablation: {len(runs)} runs x {n_seeds} seeds in {root}/; report {report}")
-    return report
-
-
-# ----------------------------------------------------------------------------- reenact
-# Any landmark sequence drives a source face, frame by frame (extras/reenact.py reads and retargets).
-
-
-def reenact(args):
-    """Drive a source face with a driver's landmarks: extras/reenact.py reads, retargets and generates."""
-    return extras.reenact.make_video(args)
+    """The paper's loss ablations over seeds, then OUT/REPORT.md: extras/ablation.py plans the runs,
+    trains them with train, checks finished ones as --resume does, and reports."""
+    return extras.ablation.study(args, train, resumed, SESSION | SCHEDULE)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -478,20 +441,12 @@ def main(argv=None):
     p = sub.add_parser("ablation", help="the paper's loss ablations over seeds, then REPORT.md",
                        description=about)
     add_train_options(p)
-    p.set_defaults(out=os.path.join("runs", "ablation"))
-    p.add_argument("--seeds", type=pos, default=3, help="runs per ablation, seeds 0 .. N-1")
-    p.add_argument("--single", action="store_true", help="also the six single-term ablations")
-    p.add_argument("--split", help="test split to evaluate (default: the first with videos)")
+    extras.ablation.add_options(p)
     about = ("time full training steps against the device's dense peak (the best of a matmul and a "
              "convolution, timed between the steps), and predict the whole run's time")
     p = sub.add_parser("bench", help=about, description=about)
     add_model_options(p)
-    p.add_argument("--steps", type=pos, default=10, help="timed steps")
-    p.add_argument("--warmup", type=cli.number(int, 0), default=2, help="untimed steps first (allocation)")
-    p.add_argument("--rounds", type=pos, help="blocks of timed steps, each followed by the yardsticks "
-                   "(default: one per step; at most --steps)")
-    p.add_argument("--size", type=cli.number(int, 16), default=64,
-                   help="image size of random batches (a dataset has its own)")
+    extras.speed.add_options(p)
     about = "drive a face with another video's landmarks: source | driver landmarks | generated | driver"
     extras.reenact.add_options(sub.add_parser("reenact", help="drive a face with another video's landmarks",
                                               description=about))
@@ -524,7 +479,7 @@ def main(argv=None):
         elif verb == "bench":
             bench(a)
         elif verb == "reenact":
-            reenact(a)
+            extras.reenact.make_video(a)
         elif verb == "play":
             extras.play.serve(a)
 

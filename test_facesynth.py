@@ -37,6 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 # 300VW .pts files, the crop, prepare
 import data
 import evaluate
+import extras.ablation
+import extras.cli
 import extras.landmarks
 import extras.play
 import extras.reenact
@@ -1616,7 +1618,7 @@ def test_bench_compares_fast_and_plain_per_term_on_a_real_batch(blobs, capsys):
     args = {"ngf": 8, "n_down": 4, "ndf": 8, "vgg_widths": [4, 4, 8, 8, 8], "batch_size": 2, "data": blobs}
     b, _ = extras.speed.bench_batch(args, torch.device("cpu"), facesynth.CACHE)
     lam = losses.lambdas({"adv": 0, "self": 0, "triple": 0, "id": 0})
-    _, bf16 = extras.speed.fast_vs_plain(facesynth.train_step, facesynth.bench_models, args, torch.device("cpu"), b, lam, {"size": 32, "sigma": 1.0, "window": 7}, amp=True)
+    _, bf16 = extras.speed.fast_vs_plain(facesynth.train_step, functools.partial(extras.speed.bench_models, lr_g=facesynth.LR_G, lr_d=facesynth.LR_D, betas=facesynth.BETAS), args, torch.device("cpu"), b, lam, {"size": 32, "sigma": 1.0, "window": 7}, amp=True)
     assert set(bf16) == {"pix", "pp", "G"} and bf16["pix"] < 1e-4 and 1e-3 < bf16["pp"] < 0.5
 
 
@@ -1632,7 +1634,7 @@ def test_compiled_step_makes_its_graphs_once_and_matches_eager(blobs, monkeypatc
     lam, cfg = losses.lambdas(ablate=["consistency"]), {"size": 32, "sigma": 1.0, "window": 7}
     runs = {}
     for compiled in (False, True):
-        G, D, vgg, (opt_G, opt_D) = facesynth.bench_models(args, torch.device("cpu"))
+        G, D, vgg, (opt_G, opt_D) = extras.speed.bench_models(args, torch.device("cpu"), facesynth.LR_G, facesynth.LR_D, facesynth.BETAS)
         models = extras.speed.compile_models((G, D, vgg), "default") if compiled else (G, D, vgg)
         torch._dynamo.reset()
         counters.clear()
@@ -1656,7 +1658,7 @@ def test_vgg_in_channels_last_on_the_cpu_keeps_the_steps_maths(blobs):
     is_cl = lambda m: [p.is_contiguous(memory_format=torch.channels_last) for p in m.parameters() if p.dim() > 3]
     for layout, dtype in (("vgg channels_last", torch.float32), ("nchw", torch.float32),
                           ("float64", torch.float64)):
-        G, D, vgg, (opt_G, opt_D) = facesynth.bench_models(args, torch.device("cpu"))
+        G, D, vgg, (opt_G, opt_D) = extras.speed.bench_models(args, torch.device("cpu"), facesynth.LR_G, facesynth.LR_D, facesynth.BETAS)
         assert all(is_cl(vgg)) and not any(is_cl(G) + is_cl(D))
         if layout != "vgg channels_last":
             vgg.to(dtype, memory_format=torch.contiguous_format)
@@ -1881,7 +1883,7 @@ def test_two_process_gloo_equals_one_process_with_the_double_batch(blobs, tmp_pa
 
 
 # ================================================================================================
-# evaluation: PNG, viridis, metrics, figures, the report
+# evaluation: PNG, viridis, metrics, figures, tables
 # ================================================================================================
 TERMS = losses.TERMS
 
@@ -2010,8 +2012,8 @@ def test_confidence_interval_and_sign_flip_test():
     for n, t in ((2, 12.706), (5, 2.776), (6, 2.5706), (11, 2.2281), (31, 2.0423)):  # published t quantiles
         m, lo, hi = evaluate.mean_ci(np.arange(n, dtype=float))
         assert hi - m == pytest.approx(t * np.std(np.arange(n), ddof=1) / np.sqrt(n), rel=2e-3)
-    assert evaluate.sign_flip_p(np.full(30, 0.5) + np.random.default_rng(0).normal(0, 0.1, 30)) < 0.001
-    assert evaluate.sign_flip_p(np.tile([1.0, -1.0], 15)) > 0.5
+    assert extras.ablation.sign_flip_p(np.full(30, 0.5) + np.random.default_rng(0).normal(0, 0.1, 30)) < 0.001
+    assert extras.ablation.sign_flip_p(np.tile([1.0, -1.0], 15)) > 0.5
 
 
 def test_pairs_are_deterministic(setup):
@@ -2081,19 +2083,6 @@ def test_figures(setup, tmp_path):
             assert im.size == (2 * 380, 280) and len(np.unique(np.asarray(im).reshape(-1, 3), axis=0)) > 5
 
 
-def test_report(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "dlib", None)  # the face judge (~0.3 s a pair) is tested on its own
-    root = make_dataset(tmp_path / "prep")
-    groups = {"full": [make_run(tmp_path / "r" / "full" / f"s{s}", root, s) for s in (0, 1)],
-              "no_pix": [make_run(tmp_path / "r" / "no_pix" / f"s{s}", root, s + 2, ("pix",)) for s in (0, 1)]}
-    groups = {g: [str(r) for r in rs] for g, rs in groups.items()}
-    path = evaluate.write_report(groups, str(tmp_path / "rep"), n_pairs=10)
-    text = open(path).read()
-    assert "| full | 2 |" in text and "| no_pix |" in text and "p=" in text
-    for link in ("loss_bars.png", "loss_curves.png", "heatmaps.png"):
-        assert f"]({link})" in text and os.path.isfile(tmp_path / "rep" / link)
-
-
 def test_cli(setup, tmp_path, capsys):
     root, runs = setup
     r = subprocess.run([sys.executable, "evaluate.py", "metrics", "--runs", *map(str, runs), "--n", "6", "--out",
@@ -2124,7 +2113,7 @@ def test_cli_errors(setup, tmp_path, capsys, monkeypatch):
     # without --runs, the run whose checkpoint was written last, ablation runs included
     fresh = tmp_path / "fresh" / "runs"
     make_run(fresh / "a" / "s0", root), os.utime(make_run(fresh / "old", root) / "ckpt.pt", (1e9, 1e9))
-    assert evaluate.latest_run() == [os.path.join("runs", "a", "s0")]
+    assert extras.cli.latest_run() == [os.path.join("runs", "a", "s0")]
     shutil.rmtree(tmp_path / "fresh" / "runs")
     # every run is checked before any is scored: a typo in the last one costs nothing
     with pytest.raises(SystemExit):
@@ -2252,7 +2241,7 @@ def test_judge_when_dlib_is_installed(synthetic):
 
 
 # ================================================================================================
-# reenact: retargeting, the video, flicker, bad inputs; the ablation verb
+# reenact: retargeting, the video, flicker, bad inputs; the ablation study: its report and verb
 # ================================================================================================
 SIZE = 32
 
@@ -2277,7 +2266,7 @@ def face(seed=0, size=64):
 def run(ckpt, *argv):
     p = argparse.ArgumentParser()
     extras.reenact.add_options(p)
-    return facesynth.reenact(vars(p.parse_args(["--ckpt", ckpt, "--device", "cpu", *argv])))
+    return extras.reenact.make_video(vars(p.parse_args(["--ckpt", ckpt, "--device", "cpu", *argv])))
 
 
 def cli_error(capsys, *argv):
@@ -2531,20 +2520,33 @@ def test_a_prepared_driver_is_checked_and_given_landmarks_win_for_its_frame(ckpt
     assert err.startswith(f"error: {drv / 'frames.npy'}: cannot read (") and err.count("\n") == 1, err
 
 
+def test_report(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "dlib", None)  # the face judge (~0.3 s a pair) is tested on its own
+    root = make_dataset(tmp_path / "prep")
+    groups = {"full": [make_run(tmp_path / "r" / "full" / f"s{s}", root, s) for s in (0, 1)],
+              "no_pix": [make_run(tmp_path / "r" / "no_pix" / f"s{s}", root, s + 2, ("pix",)) for s in (0, 1)]}
+    groups = {g: [str(r) for r in rs] for g, rs in groups.items()}
+    path = extras.ablation.write_report(groups, str(tmp_path / "rep"), n_pairs=10)
+    text = open(path).read()
+    assert "| full | 2 |" in text and "| no_pix |" in text and "p=" in text
+    for link in ("loss_bars.png", "loss_curves.png", "heatmaps.png"):
+        assert f"]({link})" in text and os.path.isfile(tmp_path / "rep" / link)
+
+
 def test_ablation_trains_every_group_then_reports_and_skips_finished_runs(blobs, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "dlib", None)  # the face judge would score 4 x 200 pairs at ~0.3 s each
     out = str(tmp_path / "abl")
     argv = ["ablation", "--data", blobs, "--out", out, "--seeds", "1", "--steps", "2", *TINY_TRAIN]
     facesynth.main(argv)
     report = open(os.path.join(out, "REPORT.md")).read()
-    for name in facesynth.GROUP_RUNS:
+    for name in extras.ablation.GROUP_RUNS:
         assert torch.load(os.path.join(out, name, "seed0", "ckpt.pt"))["step"] == 2
         assert f"| {name} |" in report
     cfg = json.load(open(os.path.join(out, "no_consistency", "seed0", "config.json")))
     assert cfg["lambdas"]["self"] == cfg["lambdas"]["triple"] == 0 and cfg["lambdas"]["pix"] > 0
     capsys.readouterr()
     facesynth.main(argv)  # a second call trains nothing
-    assert capsys.readouterr().out.count("finished, skipped") == len(facesynth.GROUP_RUNS)
+    assert capsys.readouterr().out.count("finished, skipped") == len(extras.ablation.GROUP_RUNS)
     with pytest.raises(SystemExit) as e:  # other options: refused, not mixed into one report
         facesynth.main(argv + ["--ngf", "16", "--steps", "3"])
     full = os.path.join(out, "full", "seed0")

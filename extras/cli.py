@@ -1,12 +1,14 @@
 """The command line's plumbing, shared by facesynth.py, evaluate.py and the extras: every expected
 failure as one `error:` line (fail, one_line_errors), argparse that shows defaults and suggests the
 nearest option for a typo (ArgParser), checked numbers (number), and output locations checked before
-any computing (writable). The paper's code had none of it: a bad option was a traceback hours in.
+any computing (writable), evaluate's default run (latest_run) and the terminal's tables (columns). The
+paper's code had none of it: a bad option was a traceback hours in.
 """
 import argparse
 import contextlib
 import copy
 import difflib
+import glob
 import math
 import os
 import re
@@ -114,3 +116,29 @@ def given_options(parser, argv):
         if a.option_strings and a.dest != "help":
             shadow._add_action(copy.copy(a)).default = argparse.SUPPRESS
     return set(vars(shadow.parse_known_args(argv)[0]))
+
+
+def latest_run(root="runs"):
+    """evaluate's --runs left out: the run under root whose checkpoint was written last, said aloud."""
+    found = glob.glob(os.path.join(root, "**", "ckpt.pt"), recursive=True)
+    if not found:
+        raise DataError(f"no trained run under {root}/ yet: train one first (python facesynth.py train "
+                        f"--steps 200 --out {root}/short), or name runs with --runs")
+    run = os.path.dirname(max(found, key=os.path.getmtime))
+    print(f"--runs not given: the most recent run, {run}")
+    return [run]
+
+
+def columns(cols, width):
+    """Plain-text columns (each a heading, then a cell per row) side by side within `width` characters,
+    the first left-aligned, the rest right-aligned, as many as fit from the left, with a rule under the
+    headings. Returns (the text, how many columns it shows)."""
+    shown = cols[:1]
+    for col in cols[1:]:
+        if sum(max(map(len, c)) + 2 for c in shown + [col]) > width:
+            break
+        shown.append(col)
+    w = [max(map(len, c)) for c in shown]
+    line = lambda i: "  ".join(c[i].ljust(w[j]) if j == 0 else c[i].rjust(w[j]) for j, c in enumerate(shown))
+    rows = [line(i).rstrip() for i in range(len(shown[0]))]
+    return "\n".join(rows[:1] + ["-" * len(rows[0])] + rows[1:]), len(shown)

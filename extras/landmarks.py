@@ -224,3 +224,12 @@ def judge_scores(gen, src, src_lm, tgt_lm, k=4, label=None):
         if label:
             progress(label, len(out["id_dist"]), len(gen), t0, unit="pairs")
     return out
+
+
+def judge(gen, src, src_lm, tgt_lm, n, label=None):
+    """metrics' --judge N: judge_scores on the first n pairs ({} when n is 0 or dlib is missing), and a
+    note of what was judged, for the tables."""
+    scores = n and judge_scores(*(x[:n] for x in (gen, src, src_lm, tgt_lm)), label=label)
+    note = (f"dlib, on the first {min(n, len(gen))} pairs" if scores else "off (--judge N)" if not n
+            else "skipped (dlib / face_recognition_models not installed)")
+    return scores or {}, note

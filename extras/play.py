@@ -33,10 +33,9 @@ import torch
 from PIL import Image, ImageOps
 
 from data import CROP_SCALE, N_LANDMARKS, DataError, crop_face, heatmap_picture, read_prepared, to_uint8
-from evaluate import VMAX, VMIN, error_heatmap, videos_of
+from evaluate import VMAX, VMIN, error_heatmap, png_bytes, videos_of
 from extras import landmarks, synthetic
 from extras.cli import number
-from extras.figures import png_bytes
 from extras.reenact import retarget, to_crop
 from networks import generate, load_generator, pick_device
 

@@ -19,9 +19,8 @@ from PIL import Image, ImageOps
 
 from data import (CROP_SCALE, N_LANDMARKS, DataError, crop_box, crop_face, decode, face_size, heatmap_picture,
                   is_video, outside, read_pts, read_prepared, read_video, to_uint8, writing)
-from evaluate import flicker
+from evaluate import flicker, label_strip, write_png
 from extras.cli import number, writable
-from extras.figures import label_strip, write_png
 from extras import landmarks, synthetic
 from networks import generate, load_generator, pick_device
 

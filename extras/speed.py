@@ -12,7 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import networks
-from losses import TERMS, lambdas
+from extras.cli import number
+from losses import TERMS, VGG_LAYERS, lambdas
 
 # The CPU's yardsticks (fp32): a 2048² sgemm, and a 3x3 convolution of batch N, C -> C channels, S x S
 # pixels; shapes at which MKL and oneDNN run at their best on a 2-core AVX-512 CPU (docs/speed.md).
@@ -146,6 +147,18 @@ def fast_vs_plain(step, models, args, device, b, lam, hm, amp):
     return loss_diff, grad_diff
 
 
+def bench_models(args, device, lr_g, lr_d, betas, seed=0):
+    """Fresh G, D, a VGG of random features and both Adam optimisers from one seed: bench times the maths."""
+    torch.manual_seed(seed)
+    G = networks.build_generator(args).to(device)
+    D = networks.Discriminator(ndf=args["ndf"]).to(device)
+    vgg = networks.VGG19(VGG_LAYERS, args["vgg_widths"] or networks.VGG_WIDTHS).to(device)
+    networks.to_layout(vgg, device)  # as train's
+    opts = (torch.optim.Adam(G.parameters(), lr=lr_g, betas=betas),
+            torch.optim.Adam(D.parameters(), lr=lr_d, betas=betas))
+    return G, D, vgg, opts
+
+
 def bench_batch(args, device, cache):
     """A real training batch: from --data, else from the built-in synthetic set if it has been built.
     Without one, random tensors: noise images, whose losses and gradients are unlike training's (bf16's
@@ -238,3 +251,13 @@ def bench(args, step, models, cache, schedule):
            "fast_vs_plain_grad_rel_by_term": {k: float(f"{v:.2g}") for k, v in grad_diff.items() if k != "G"}}
     report(res, ratio["busy"], schedule)
     return res
+
+
+def add_options(p):
+    """`facesynth.py bench`'s own options, after the model options it shares with train."""
+    p.add_argument("--steps", type=number(), default=10, help="timed steps")
+    p.add_argument("--warmup", type=number(int, 0), default=2, help="untimed steps first (allocation)")
+    p.add_argument("--rounds", type=number(), help="blocks of timed steps, each followed by the yardsticks "
+                   "(default: one per step; at most --steps)")
+    p.add_argument("--size", type=number(int, 16), default=64,
+                   help="image size of random batches (a dataset has its own)")

@@ -8,6 +8,7 @@ expression, for cross-identity scores and reenact's reference.
     ensure_synthetic  the built-in set, rendered and cropped straight into the prepared layout
     identity_spec     synthetic:ID of the built-in set, for reenact's sources and drivers
     cross_targets     identity A rendered with identity B's pose and expression, cut by THE crop
+    cross_scores      evaluate's cross-identity and identity-leak scores of a G against that truth
 """
 import json
 import math
@@ -399,6 +400,20 @@ def leak_score(gen, bare, worn):
     d = lambda x, y: np.abs(x.astype(np.float64) - y.astype(np.float64)).mean(-1)
     mask = d(bare, worn) > LEAK_LEVELS
     return float((d(gen, worn) < d(gen, bare))[mask].mean()) if mask.any() else math.nan
+
+
+def cross_scores(root, split, videos, n, seed, generate, scores, tag):
+    """metrics' cross-identity scores per pair, on cross_targets' n pairs: x_ = G drawing A with the
+    truth's landmarks (B's pose and expression on A's face shape), xabs_ = the paper's setting, B's own
+    landmarks (B's face shape), both against the same rendered truth; leak_ATTR = leak_score of the x_
+    images, for each attribute some B wears and A lacks. generate(sources, landmarks, label) -> G's
+    images; scores(images, truth, prefix) -> {prefix + metric: per pair} (evaluate's)."""
+    t = cross_targets(root, split, videos, n, seed, f"{tag} rendering truth:")
+    x_gen = generate(t["src"], t["lm"], f"{tag} cross-identity pairs:")
+    xabs = generate(t["src"], t["drv_lm"], f"{tag} cross, driver's landmarks:")
+    leak = {"leak_" + k: [leak_score(x_gen[j], t["img"][j], worn) for j, worn in items]
+            for k, items in t["leak"].items() if items}
+    return {**scores(x_gen, t["img"], "x_"), **scores(xabs, t["img"], "xabs_"), **leak}
 
 
 def add_options(p):
