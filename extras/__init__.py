@@ -4,11 +4,12 @@
     landmarks.py   automatic 68-point landmarks for own photos and videos (the optional dlib extra)
     reenact.py     reenact's sources and drivers in every format, retargeting, generation for a whole driver
     speed.py       bench: the step's speed against the device's peak, the fast path against the plain one
-    play.py        a local page to drag a face's landmarks and watch G redraw it (play.html is the page)
-    cli.py         the command line's plumbing: one-line errors, argparse with suggestions, checked numbers
-    figures.py     the drawing kit written by hand (no matplotlib): PNG writer, viridis, labelled tiles, axes
+    ablation.py    the ablation study over seeds: training every ablation, paired tests, REPORT.md
     play.py        a local page (play.html) to drag a face's landmarks and watch G redraw it, and its server
+    cli.py         the command line's plumbing: one-line errors, argparse with suggestions, checked numbers,
+                   evaluate's default run and its terminal table
 
-They import data.py (reenact.py, play.py and speed.py also networks.py, reenact.py and play.py evaluate.py);
-data.py and losses.py import nothing here, and nothing imports facesynth.py.
+They import data.py (reenact.py, play.py, speed.py and ablation.py also networks.py; reenact.py, play.py and
+ablation.py evaluate.py, which imports cli.py, landmarks.py and synthetic.py); data.py and losses.py import
+nothing here, and nothing imports facesynth.py.
 """
