@@ -132,11 +132,6 @@ def decode(vid):
                         f"({(str(e).strip() or type(e).__name__).splitlines()[0]})") from None
 
 
-def is_video(path):
-    """A file that decode() reads, going by its extension."""
-    return os.path.isfile(path) and str(path).lower().endswith(VIDEO_EXTS)
-
-
 # ----------------------------------------------------------------------------- prepare
 def outside(lms, shape):
     """Per landmark set (...,68,2): whether a point lies more than a frame size outside an (H,W,...)

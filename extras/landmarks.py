@@ -17,7 +17,7 @@ import imageio
 import numpy as np
 from PIL import Image
 
-from data import N_LANDMARKS, DataError, decode, face_size, is_video, progress
+from data import N_LANDMARKS, VIDEO_EXTS, DataError, decode, face_size, progress
 
 DLIB_HINT = "pip install dlib-bin face-recognition-models"
 SEARCH_SIDE = 1280  # a whole frame is searched at most this wide (HOG costs ~ its area)
@@ -143,6 +143,11 @@ def smooth_track(raw):
         out[a:b] = one_euro(one_euro(x, scale)[::-1], scale)[::-1][p:p + b - a]
     last = np.maximum.accumulate(np.where(found, np.arange(len(raw)), -1))
     return out[np.where(last < 0, np.argmax(found), last)], found
+
+
+def is_video(path):
+    """A file that data.decode reads, going by its extension: footage without .pts files."""
+    return os.path.isfile(path) and str(path).lower().endswith(VIDEO_EXTS)
 
 
 def frame_count(vid):

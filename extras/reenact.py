@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from data import (CROP_SCALE, N_LANDMARKS, DataError, crop_box, crop_face, decode, face_size, heatmap_picture,
-                  is_video, outside, read_pts, read_prepared, read_video, to_uint8, writing)
+                  outside, read_pts, read_prepared, read_video, to_uint8, writing)
 from evaluate import flicker, label_strip, write_png
 from extras.cli import number, writable
 from extras import landmarks, synthetic
@@ -91,7 +91,7 @@ def load_driver(spec, n=None):
         who, identity, motion = synthetic.identity_spec(spec, spec.split(":")[1], n or REENACT_FRAMES)
         frames, lms = zip(*(synthetic.render_face(identity, p, e) for p, e in motion))
         return {"lms": np.stack(lms), "frames": frames, "who": who, "motion": motion}
-    if is_video(spec):  # a plain video: landmarks detected and smoothed
+    if landmarks.is_video(spec):  # a plain video: landmarks detected and smoothed
         try:
             landmarks.landmark_detector()
         except DataError as e:
