@@ -1,7 +1,8 @@
 """What the paper never had, one idea a file, beside its pipeline at the top level:
 
     synthetic.py   talking heads drawn from their 68 landmarks: the built-in dataset and exact ground truths
-    landmarks.py   automatic 68-point landmarks for own photos and videos (the optional dlib extra)
+    landmarks.py   automatic 68-point landmarks for own photos and videos (the optional dlib extra), and the
+                   plain videos `prepare` takes beside 300VW's folders
     reenact.py     reenact's sources and drivers in every format, retargeting, generation for a whole driver
     speed.py       bench: the step's speed against the device's peak, the fast path against the plain one
     ablation.py    the ablation study over seeds: training every ablation, paired tests, REPORT.md
