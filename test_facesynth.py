@@ -446,7 +446,7 @@ def test_ensure_synthetic_needs_no_ffmpeg_and_matches_synth_then_prepare(tmp_pat
 
 
 # ================================================================================================
-# data: heatmaps, the iBUG-68 mirror, triplets flipped as one (expected values: REFERENCE §3, hand computations)
+# data: heatmaps, the iBUG-68 mirror, triplets flipped as one (expected values: the iBUG-68 definition, by hand)
 # ================================================================================================
 @pytest.fixture(scope="module")
 def blobs(tmp_path_factory):
@@ -946,7 +946,7 @@ def test_vgg_random_when_offline(tmp_path, monkeypatch):
     assert networks.load_vgg(["relu1_2"], widths=WIDTHS)[1] == str(cached)
 
 
-# torchvision's vgg19 state dict: features.N for the 16 convs (REFERENCE §4), per block
+# torchvision's vgg19 state dict: features.N for the 16 convs (torchvision's vgg19 layout), per block
 TV_CONVS = ((0, 2), (5, 7), (10, 12, 14, 16), (19, 21, 23, 25), (28, 30, 32, 34))
 
 
@@ -954,7 +954,7 @@ TV_WIDTHS = (4, 4, 8, 8, 8)
 
 
 def test_vgg_relu_indices_follow_torchvisions_keys():
-    # REFERENCE §4's list, and for every reluB_K: the ReLU right after the K-th conv of block B
+    # torchvision's layout, and for every reluB_K: the ReLU right after the K-th conv of block B
     listed = {"relu1_1": 1, "relu1_2": 3, "relu2_1": 6, "relu2_2": 8, "relu3_1": 11, "relu3_2": 13,
               "relu3_3": 15, "relu3_4": 17, "relu4_1": 20, "relu4_2": 22, "relu4_3": 24}
     from_keys = {f"relu{b + 1}_{k + 1}": n + 1 for b, convs in enumerate(TV_CONVS) for k, n in enumerate(convs)}
