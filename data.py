@@ -132,6 +132,18 @@ def decode(vid):
                         f"({(str(e).strip() or type(e).__name__).splitlines()[0]})") from None
 
 
+def frame_count(vid):
+    """A video's frame count as its header tells it (for progress lines only), 0 when unknown."""
+    try:
+        if str(vid).lower().endswith(".gif"):
+            return imageio.v3.improps(vid, plugin="pillow").n_images
+        with imageio.get_reader(vid, "ffmpeg") as reader:
+            meta = reader.get_meta_data()
+        return round(meta["fps"] * meta["duration"])
+    except Exception:  # decode() reports an unreadable video properly
+        return 0
+
+
 # ----------------------------------------------------------------------------- prepare
 def outside(lms, shape):
     """Per landmark set (...,68,2): whether a point lies more than a frame size outside an (H,W,...)
@@ -214,12 +226,12 @@ def _prepare_one(job):
         return 0, [f"skip {os.path.basename(job[0])}: {e}"]
 
 
-def _finished(d, size):
-    """A prepared video a re-run keeps: whole and readable (a damaged one is prepared again)."""
+def _kept(d, size):
+    """The frames of a prepared video a re-run keeps (whole and readable), 0 for one to prepare (again)."""
     try:
-        return os.path.isdir(d) and read_video(d, size) is not None
+        return len(read_video(d, size)[1]) if os.path.isdir(d) else 0
     except DataError:
-        return False
+        return 0
 
 
 def _read_split(src, split_file):
@@ -240,13 +252,13 @@ def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None
     """Raw folder SRC of 300VW-layout videos (NNN/vid.avi + NNN/annot/*.pts) -> prepared dataset OUT (see
     the module docstring). Re-runnable: finished videos are kept, bad videos are skipped with one warning
     line each. Footage without .pts files comes from the caller (facesynth.py passes SRC's plain videos,
-    extras/landmarks.py: plain_videos): `videos` {name: (its file in SRC, its frame count)}, `landmarks` a
+    extras/landmarks.py: plain_videos): `videos` {name: its file in SRC}, `landmarks` a
     picklable f(video) -> (landmarks (T,68,2), usable (T,) bool, warnings), `skipped` {SRC entry: why}."""
     if not os.path.isdir(src):
         raise DataError(f"{src}: no such folder")
     videos, skipped = videos or {}, dict(skipped or {})
     entry = {d: d for d in os.listdir(src) if d[0] != "." and os.path.isdir(os.path.join(src, d))}
-    entry.update({name: file for name, (file, _) in videos.items()})
+    entry.update(videos)
     if not entry:
         raise DataError(f"{src}: no video folders (NNN/vid.avi and NNN/annot/*.pts) and no video files "
                         f"({' '.join(VIDEO_EXTS)})")
@@ -264,13 +276,13 @@ def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None
                             f"{old.get('crop_scale')}, not {size}, {crop_scale}; use another output folder")
     split_src, mapping = _read_split(src, split_file)
     write_json(os.path.join(out, "prepare.json"), meta)
-    existing = [d for d in names if _finished(os.path.join(out, d), size)]
-    todo = [d for d in names if d not in existing]
-    frames = sum(len(np.load(os.path.join(out, d, "landmarks.npy"), mmap_mode="r")) for d in existing)
+    kept = {d: _kept(os.path.join(out, d), size) for d in names}
+    existing, todo = [d for d in names if kept[d]], [d for d in names if not kept[d]]
+    frames = sum(kept.values())
     # Progress counts frames; the total starts at the .pts (or header) count, corrected as videos finish.
     annot = lambda d: os.path.join(src, d, "annot")
-    plan = {d: videos[d][1] if d in videos else len(os.listdir(annot(d))) if os.path.isdir(annot(d)) else 0
-            for d in todo}
+    plan = {d: frame_count(os.path.join(src, entry[d])) if d in videos else
+            len(os.listdir(annot(d))) if os.path.isdir(annot(d)) else 0 for d in todo}
     total, n_done, prepared, failed, warnings, t0 = sum(plan.values()), 0, [], [], [], time.time()
     jobs = [(os.path.join(src, entry[d]), out, size, crop_scale, landmarks if d in videos else None)
             for d in todo]

@@ -13,11 +13,10 @@ import math
 import os
 import time
 
-import imageio
 import numpy as np
 from PIL import Image
 
-from data import N_LANDMARKS, VIDEO_EXTS, DataError, decode, face_size, progress
+from data import N_LANDMARKS, VIDEO_EXTS, DataError, decode, face_size, frame_count, progress
 
 DLIB_HINT = "pip install dlib-bin face-recognition-models"
 SEARCH_SIDE = 1280  # a whole frame is searched at most this wide (HOG costs ~ its area)
@@ -150,18 +149,6 @@ def is_video(path):
     return os.path.isfile(path) and str(path).lower().endswith(VIDEO_EXTS)
 
 
-def frame_count(vid):
-    """A video's frame count as its header tells it (for progress lines only), 0 when unknown."""
-    try:
-        if str(vid).lower().endswith(".gif"):
-            return imageio.v3.improps(vid, plugin="pillow").n_images
-        with imageio.get_reader(vid, "ffmpeg") as reader:
-            meta = reader.get_meta_data()
-        return round(meta["fps"] * meta["duration"])
-    except Exception:  # decode() reports an unreadable video properly
-        return 0
-
-
 def detect_video(vid, n=None, show=False):
     """A video file's landmarks, detected and smoothed: (landmarks (T,68,2), found (T,) bool)."""
     expected = min(frame_count(vid), n or math.inf) if show else 0
@@ -173,7 +160,7 @@ def detect_video(vid, n=None, show=False):
 
 def plain_videos(src):
     """What `data.prepare` takes from SRC beside its 300VW folders, as its keyword arguments: "videos",
-    SRC's video files (NAME.mp4, ...) named by their stem, {name: (file, frame count)}; "landmarks", the
+    SRC's video files (NAME.mp4, ...) named by their stem, {name: file}; "landmarks", the
     picklable reader of their landmarks; "skipped", {file: skip line} for a file whose name a folder or
     an earlier file has. Video files without dlib: the DataError that says what to install, at once."""
     entries = sorted(d for d in os.listdir(src) if d[0] != ".") if os.path.isdir(src) else []
@@ -184,7 +171,7 @@ def plain_videos(src):
         if stem in taken:
             skipped[f] = f"skip {f}: the name {stem} is already {taken[stem]}'s (rename one)"
         else:
-            taken[stem], videos[stem] = f, (f, frame_count(os.path.join(src, f)))
+            taken[stem] = videos[stem] = f
     if videos:  # stop now, not with one skip line per video
         try:
             dlib_models()
