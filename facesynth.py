@@ -16,6 +16,7 @@ G's four passes, D's update on real vs generated, then G's update on the six-ter
 import contextlib
 import csv
 import functools
+import gc
 import os
 import signal
 import sys
@@ -284,7 +285,6 @@ def train_run(args, run, ckpt):
     lam = losses.lambdas({t: args[f"lambda_{t}"] for t in TERMS if args[f"lambda_{t}"] is not None},
                          args["ablate"])
     G, D, vgg, vgg_source, opt_G, opt_D, start, elapsed = build_models(args, device, ckpt, log)
-    G_run, D_run, vgg_run = runnable(G, D, vgg, args, world, device, log)
     per_epoch = data.steps_per_epoch(args, world)
     total = args["steps"] or args["epochs"] * per_epoch
     out, B = args["out"], args["batch_size"] * world
@@ -292,7 +292,10 @@ def train_run(args, run, ckpt):
     if start >= total:
         log(f"{ckpt_path} is at step {start} of {total}: nothing to do "
             "(a larger --steps or --epochs trains on)")
+        if world > 1:
+            dist.destroy_process_group()
         return out
+    G_run, D_run, vgg_run = runnable(G, D, vgg, args, world, device, log)
     config = {"args": args, "lambdas": lam, "vgg": vgg_source, "params_G": networks.count_params(G),
               "params_D": networks.count_params(D), "world_size": world, "device": str(device)}
     if main_rank:
@@ -350,6 +353,10 @@ def train_run(args, run, ckpt):
         for s, handler in previous.items():
             signal.signal(s, handler)
         if world > 1:
+            # DDP's reducers must go while Python still runs: left to the exit, gloo's worker threads
+            # can find the interpreter gone and abort the process (SIGABRT) after a finished run
+            G_run = D_run = vgg_run = None
+            gc.collect()
             dist.destroy_process_group()
     log(f"done: {done} steps in {time.time() - t0:.0f}s; outputs in {out}/ "
         "(ckpt.pt, log.csv, config.json, samples/)")
