@@ -244,12 +244,6 @@ def progress_line(done, total, per_epoch, B, rate, vals, first):
           flush=True)
 
 
-def state(G, D, opt_G, opt_D):
-    """The weights and optimiser states of a checkpoint."""
-    return {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
-            "opt_D": opt_D.state_dict()}
-
-
 def ranks_agree(G, D, world, device, log):
     """DDP's promise, checked at the end: every rank holds the same weights."""
     sums = torch.stack([sum(p.double().sum() for p in m.parameters()) for m in (G, D)]).to(device)
@@ -259,6 +253,15 @@ def ranks_agree(G, D, world, device, log):
     log(f"{world} ranks identical: {same}")
     if not same:
         raise FloatingPointError("ranks drifted apart: their weights differ")
+
+
+def stop_signal(stop, flags):
+    """The signal that stops the run after this step, 0 for none; over ranks (`flags`: their CPU group)
+    the largest any got, so all stop after the same step (one leaving alone strands the rest, unsaved)."""
+    signum = torch.tensor([stop[0] if stop else 0])
+    if flags is not None:
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX, group=flags)
+    return int(signum)
 
 
 def train(args):
@@ -313,13 +316,15 @@ def train_run(args, run, ckpt):
     t0 = t_line = time.time()
     done = step_line = start
     stop, previous = networks.on_stop_signals(log)
+    flags = dist.new_group(backend="gloo") if world > 1 else None  # CPU tensors, beside NCCL's
     try:
         for step, b in data.batches(videos, args, start, total, rank, world, device):
             measure = (step + 1) % args["log_every"] == 0 or step + 1 == total or step == 0  # a log row
             terms = train_step(G_run, D_run, vgg_run, opt_G, opt_D, b, lam, measure, hm,
                                amp=device.type == "cuda")
             bad |= ~torch.isfinite(terms["G"] + terms["D"])
-            done, now, stopping = step + 1, time.time(), bool(stop)  # one reading: a signal may come any time
+            signum = stop_signal(stop, flags)  # one reading per step: a signal may come any time
+            done, now, stopping = step + 1, time.time(), signum > 0
             line = main_rank and (measure or stopping or done == start + 1 or now - t_line > LINE_EVERY)
             save = stopping or done % args["ckpt_every"] == 0 or done == total
             if (line or save) and bad.item():  # the one host sync, only when a line or a checkpoint needs it
@@ -337,13 +342,14 @@ def train_run(args, run, ckpt):
                                      done)
             if save:
                 if main_rank:  # a checkpoint is a plain dict: weights, optimiser states, the run's options
-                    networks.save_checkpoint(ckpt_path, {**state(G, D, opt_G, opt_D), "step": done,
-                                             "time": elapsed + time.time() - t0, "args": run, "lambdas": lam,
-                                             "vgg": vgg_source})
+                    networks.save_checkpoint(ckpt_path, {
+                        "G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
+                        "opt_D": opt_D.state_dict(), "step": done, "time": elapsed + time.time() - t0,
+                        "args": run, "lambdas": lam, "vgg": vgg_source})
                 saved = done
             if stopping:
                 log(f"interrupted: checkpoint at step {done} in {ckpt_path}; continue with --resume {out}")
-                raise SystemExit(128 + stop[0])
+                raise SystemExit(128 + signum)
         if world > 1:
             ranks_agree(G, D, world, device, log)
     except KeyboardInterrupt:
@@ -353,8 +359,7 @@ def train_run(args, run, ckpt):
         for s, handler in previous.items():
             signal.signal(s, handler)
         if world > 1:
-            # DDP's reducers must go while Python still runs: left to the exit, gloo's worker threads
-            # can find the interpreter gone and abort the process (SIGABRT) after a finished run
+            # DDP freed now: left to the exit, gloo's threads can abort a finished run (docs/training.md)
             G_run = D_run = vgg_run = None
             gc.collect()
             dist.destroy_process_group()

@@ -1882,6 +1882,36 @@ def test_two_process_gloo_equals_one_process_with_the_double_batch(blobs, tmp_pa
                     f"{key}.{name}: {off} of {diff.numel()} elements differ by more than lr/4 (max {diff.max():.2g})"
 
 
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(blobs, tmp_path):
+    """A scheduler may signal one rank before another, or only one. Every rank must stop after the
+    same step and rank 0 save it: the worst case is the signal reaching rank 1 alone, whose leaving
+    would otherwise strand rank 0 in the next step's all-reduce with no checkpoint written."""
+    out = str(tmp_path / "run")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               WORLD_SIZE="2")
+    cmd = [sys.executable, "facesynth.py", "train", "--data", blobs, "--out", out, *LONG,
+           "--ckpt-every", "100000", "--triplets-per-epoch", "8", *TINY_NET, "--batch-size", "2"]
+    ranks = [subprocess.Popen(cmd, cwd=HERE, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+    try:
+        head = []
+        for line in ranks[0].stdout:  # rank 0 logs; once it has finished a step, signal rank 1 alone
+            head.append(line)
+            if line.startswith("step "):
+                ranks[1].send_signal(signal.SIGTERM)
+                break
+        rest = [p.communicate(timeout=120)[0] for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    said = "".join(head) + rest[0] + rest[1]
+    assert [p.returncode for p in ranks] == [128 + signal.SIGTERM] * 2, said
+    m = re.search(r"interrupted: checkpoint at step (\d+) in (.+); continue with --resume", rest[0])
+    assert m and m[2] == os.path.join(out, "ckpt.pt"), said
+    assert torch.load(m[2])["step"] == int(m[1]) == int(read_log(out)[-1]["step"]) >= 1
+    assert sorted(os.listdir(out)) == RUN_FILES
+
 # ================================================================================================
 # evaluation: PNG, viridis, metrics, figures, tables
 # ================================================================================================
