@@ -327,7 +327,7 @@ def train_run(args, run, ckpt):
             done, now, stopping = step + 1, time.time(), signum > 0
             line = main_rank and (measure or stopping or done == start + 1 or now - t_line > LINE_EVERY)
             save = stopping or done % args["ckpt_every"] == 0 or done == total
-            if (line or save) and bad.item():  # the one host sync, only when a line or a checkpoint needs it
+            if (measure or save or done == start + 1) and bad.item():  # the one host sync; all ranks alike
                 raise FloatingPointError(f"loss became NaN/inf by step {done}; stopped ({kept()})")
             if line:
                 rate = (done - step_line) * B / (now - t_line)

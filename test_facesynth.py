@@ -1883,34 +1883,57 @@ def test_two_process_gloo_equals_one_process_with_the_double_batch(blobs, tmp_pa
 
 
 
+def two_ranks(*argv):
+    """Two real training processes as torchrun would start them, rank 0 and rank 1, stdout and stderr apart."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               WORLD_SIZE="2")
+    cmd = [sys.executable, "facesynth.py", "train", *argv, "--triplets-per-epoch", "8", *TINY_NET,
+           "--batch-size", "2"]
+    return [subprocess.Popen(cmd, cwd=HERE, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in (0, 1)]
+
+
+def finish(ranks):
+    """Each rank's (stdout, stderr) once it has exited; both killed if that takes two minutes."""
+    try:
+        return [p.communicate(timeout=120) for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+
+
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(blobs, tmp_path):
     """A scheduler may signal one rank before another, or only one. Every rank must stop after the
     same step and rank 0 save it: the worst case is the signal reaching rank 1 alone, whose leaving
     would otherwise strand rank 0 in the next step's all-reduce with no checkpoint written."""
     out = str(tmp_path / "run")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               WORLD_SIZE="2")
-    cmd = [sys.executable, "facesynth.py", "train", "--data", blobs, "--out", out, *LONG,
-           "--ckpt-every", "100000", "--triplets-per-epoch", "8", *TINY_NET, "--batch-size", "2"]
-    ranks = [subprocess.Popen(cmd, cwd=HERE, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
-    try:
-        head = []
-        for line in ranks[0].stdout:  # rank 0 logs; once it has finished a step, signal rank 1 alone
-            head.append(line)
-            if line.startswith("step "):
-                ranks[1].send_signal(signal.SIGTERM)
-                break
-        rest = [p.communicate(timeout=120)[0] for p in ranks]
-    finally:
-        for p in ranks:
-            p.kill()
-    said = "".join(head) + rest[0] + rest[1]
-    assert [p.returncode for p in ranks] == [128 + signal.SIGTERM] * 2, said
-    m = re.search(r"interrupted: checkpoint at step (\d+) in (.+); continue with --resume", rest[0])
-    assert m and m[2] == os.path.join(out, "ckpt.pt"), said
+    ranks = two_ranks("--data", blobs, "--out", out, *LONG, "--ckpt-every", "100000")
+    head = []
+    for line in ranks[0].stdout:  # rank 0 logs; once it has finished a step, signal rank 1 alone
+        head.append(line)
+        if line.startswith("step "):
+            ranks[1].send_signal(signal.SIGTERM)
+            break
+    said = finish(ranks)
+    rest = "".join(head) + said[0][0]
+    assert [p.returncode for p in ranks] == [128 + signal.SIGTERM] * 2, (rest, said)
+    m = re.search(r"interrupted: checkpoint at step (\d+) in (.+); continue with --resume", rest)
+    assert m and m[2] == os.path.join(out, "ckpt.pt"), rest
     assert torch.load(m[2])["step"] == int(m[1]) == int(read_log(out)[-1]["step"]) >= 1
     assert sorted(os.listdir(out)) == RUN_FILES
+
+
+def test_a_nan_loss_stops_every_rank_with_one_line(blobs, tmp_path):
+    """Adam at lr 1e30 makes the losses overflow at once. Rank 0 prints its lines and rank 1 none, so
+    the NaN check must run at steps every rank knows, or rank 0 stops and rank 1, still training,
+    dies in the next all-reduce with a traceback."""
+    ranks = two_ranks("--data", blobs, "--out", str(tmp_path / "run"), "--steps", "40", "--log-every", "10",
+                      "--lr-g", "1e30", "--lr-d", "1e30")
+    said = finish(ranks)
+    assert [p.returncode for p in ranks] == [2, 2], said
+    for _, err in said:
+        assert err.endswith("; stopped (no checkpoint was written)\n") and "Traceback" not in err, said
+        assert "error: loss became NaN/inf by step 1;" in err, said
 
 # ================================================================================================
 # evaluation: PNG, viridis, metrics, figures, tables
