@@ -127,14 +127,15 @@ def train_step(G, D, vgg, opt_G, opt_D, b, lam, measure, hm, fused=True, amp=Fal
 
 # ----------------------------------------------------------------------------- training
 def setup_distributed(device):
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python facesynth.py` is one process."""
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python facesynth.py` is one process. Returns
+    (rank, world, device, flags): flags is a gloo group for the ranks' CPU tensors (beside NCCL's)."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return 0, 1, device
+        return 0, 1, device, None
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
+    return dist.get_rank(), dist.get_world_size(), device, dist.new_group(backend="gloo")
 
 
 def resumed(args):
@@ -280,7 +281,7 @@ def train(args):
 
 def train_run(args, run, ckpt):
     """train's work, in the run folder it owns: `args` this session's options, `run` the run's to save."""
-    rank, world, device = setup_distributed(networks.pick_device(args["device"]))
+    rank, world, device, flags = setup_distributed(networks.pick_device(args["device"]))
     main_rank = rank == 0
     log = print if main_rank else (lambda *a, **k: None)
     torch.manual_seed(args["seed"] + rank)
@@ -316,7 +317,6 @@ def train_run(args, run, ckpt):
     t0 = t_line = time.time()
     done = step_line = start
     stop, previous = networks.on_stop_signals(log)
-    flags = dist.new_group(backend="gloo") if world > 1 else None  # CPU tensors, beside NCCL's
     try:
         for step, b in data.batches(videos, args, start, total, rank, world, device):
             measure = (step + 1) % args["log_every"] == 0 or step + 1 == total or step == 0  # a log row
