@@ -1423,18 +1423,23 @@ RUN_FILES = ["ckpt.pt", "config.json", "log.csv", "samples"]  # a run folder at 
 LONG = ["--steps", "100000", "--log-every", "1000", "--sample-every", "100000"]
 
 
+def first_step(p):
+    """What training process p printed up to its first step line, read as it comes."""
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith("step "):
+            return "".join(lines)
+    p.wait()
+    raise AssertionError("".join(lines) + (p.stderr.read() if p.stderr else ""))
+
+
 def start_training(*argv):
     """A real second process training a tiny model, returned once it has finished its first step."""
     p = subprocess.Popen([sys.executable, "facesynth.py", "train", *argv, *TINY_TRAIN], cwd=HERE, text=True,
                          env=dict(os.environ, OMP_NUM_THREADS="1"),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    lines = []
-    for line in p.stdout:
-        lines.append(line)
-        if line.startswith("step "):
-            return p, "".join(lines)
-    p.wait()
-    raise AssertionError("".join(lines))
+    return p, first_step(p)
 
 
 def test_a_second_writer_refuses_and_a_killed_writers_folder_is_taken_over(blobs, tmp_path, capsys):
@@ -1908,14 +1913,12 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(blobs, tmp_pa
     would otherwise strand rank 0 in the next step's all-reduce with no checkpoint written."""
     out = str(tmp_path / "run")
     ranks = two_ranks("--data", blobs, "--out", out, *LONG, "--ckpt-every", "100000")
-    head = []
-    for line in ranks[0].stdout:  # rank 0 logs; once it has finished a step, signal rank 1 alone
-        head.append(line)
-        if line.startswith("step "):
-            ranks[1].send_signal(signal.SIGTERM)
-            break
-    said = finish(ranks)
-    rest = "".join(head) + said[0][0]
+    try:
+        head = first_step(ranks[0])  # rank 0 logs; once it has finished a step, signal rank 1 alone
+        ranks[1].send_signal(signal.SIGTERM)
+    finally:
+        said = finish(ranks)
+    rest = head + said[0][0]
     assert [p.returncode for p in ranks] == [128 + signal.SIGTERM] * 2, (rest, said)
     m = re.search(r"interrupted: checkpoint at step (\d+) in (.+); continue with --resume", rest)
     assert m and m[2] == os.path.join(out, "ckpt.pt"), rest
