@@ -1699,7 +1699,7 @@ def test_yardstick_rate_counts_whole_runs_over_the_clock(monkeypatch):
     assert extras.speed.rate(run, 1e9, 0.0, lambda: None) == pytest.approx(10.0)  # always at least one run
 
 
-def test_peak_rate_is_the_faster_yardstick_with_flops_counted_by_hand(monkeypatch):
+def test_yardsticks_count_flops_by_hand_and_the_faster_one_is_the_peak(monkeypatch):
     monkeypatch.setattr(extras.speed, "MATMUL_N", 16)
     monkeypatch.setattr(extras.speed, "CONV_SHAPE", (2, 8, 8))
     # 2 FLOPs a multiply-add; the conv's backward (input and weight grads) is twice its forward
@@ -1709,10 +1709,10 @@ def test_peak_rate_is_the_faster_yardstick_with_flops_counted_by_hand(monkeypatc
         with FlopCounterMode(display=False) as counter:
             sticks[name][0]()
         assert sticks[name][1] == flops == counter.get_total_flops()  # counted as bench counts the step
-    for rates, best in (({mm_flops: 205.0, conv_flops: 300.0}, (300.0, "conv")),
-                        ({mm_flops: 400.0, conv_flops: 300.0}, (400.0, "matmul"))):
-        monkeypatch.setattr(extras.speed, "rate", lambda run, flops, s, sync, rates=rates: rates[flops])
-        assert extras.speed.peak_rate(torch.device("cpu")) == best
+    for rates, best in (({"matmul": 205.0, "conv": 300.0}, (300.0, "conv")),
+                        ({"matmul": 400.0, "conv": 300.0}, (400.0, "matmul"))):
+        v = extras.speed.verdict([100.0], [rates])
+        assert (v["peak_gflops"], v["peak_kind"]) == best
 
 
 def test_bench_interleaves_step_blocks_with_the_yardsticks():

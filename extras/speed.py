@@ -90,16 +90,6 @@ def verdict(step_gflops, peak_gflops):
             "spread": spread, "busy": spread > BUSY_SPREAD}
 
 
-def peak_rate(device, rounds=3, seconds=0.3):
-    """The device's dense peak in GFLOP/s and which yardstick reached it: the best of `rounds` short
-    runs of each (`yardsticks`). bench interleaves the same rounds with its steps instead."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sticks = yardsticks(device)
-    rounds = [{k: rate(run, f, seconds, sync) for k, (run, f) in sticks.items()} for _ in range(rounds)]
-    kind, peak = best_peak(rounds)
-    return peak, kind
-
-
 def interleaved(one, sticks, steps, rounds, seconds, sync, log=print):
     """`steps` training steps (`one`) in `rounds` blocks, each block followed by a run of every
     yardstick: on a shared host the load changes within seconds, and a step timed minutes away from
