@@ -10,6 +10,7 @@ A prepared dataset is a folder of videos, each `NNN/frames.npy` (uint8, T x S x 
 `prepare.json`. Raw 300VW, plain videos and the synthetic set all end up in that one layout.
 """
 import contextlib
+import functools
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 import imageio
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 N_LANDMARKS = 68
@@ -51,7 +53,13 @@ CROP_SCALE = 1.8
 # 1 px at the working size, peak exactly 1 at the landmark; both are options.
 SIGMA, WINDOW = 1.0, 7
 MIN_FRAMES = 3  # a training triplet is three distinct frames of one video
-HELD_OUT = 0.2  # plain videos without a --split-file: the last 20 % by name (at least 1 of 2+) are test1
+# --augment (beyond the paper): each triplet scaled by up to +-10 %, turned by up to +-15 degrees and
+# shifted by up to +-5 % of the crop, all three frames alike, so that poses a video never shows are seen
+AUGMENT = {"scale": 0.1, "turn": 15.0, "shift": 0.05}
+# Plain videos without a --split-file are held out as test1: HELD_OUT of them, the last by name (at least
+# 1 of 2+), or (hold-out "tail", the default for a single video) each video's last HELD_OUT of frames,
+# prepared as a video of its own, NAME-tail, so that no triplet or pair mixes the two parts.
+HELD_OUT, TAIL = 0.2, "-tail"
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".gif")
 
 
@@ -154,26 +162,19 @@ def outside(lms, shape):
 
 def save_prepared(out, name, frames, marks, params=None):
     """One prepared video -> OUT/NAME (frames.npy, landmarks.npy, a synthetic video's params.json), written
-    to a temp folder and renamed: no half video looks finished, so a re-run can keep every folder it finds."""
-    tmp, final = os.path.join(out, f".{name}.tmp"), os.path.join(out, name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        os.makedirs(tmp)
+    whole (writing): no half video looks finished, so a re-run can keep every folder it finds."""
+    with writing(os.path.join(out, name), folder=True) as tmp:
         np.save(os.path.join(tmp, "frames.npy"), np.stack(frames))
         np.save(os.path.join(tmp, "landmarks.npy"), np.stack(marks))
         if params is not None:
             with open(os.path.join(tmp, "params.json"), "w") as f:
                 json.dump(params, f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise WriteError(f"{e.filename or final}: cannot write ({why_not(e)})") from None
 
 
-def _prepare_video(vdir, out, size, crop_scale, landmarks=None):
+def _prepare_video(vdir, out, size, crop_scale, landmarks=None, tail=False):
     """One raw video -> OUT/NAME; returns (frames, warning lines) or raises DataError. A 300VW folder
-    brings its landmarks (annot/*.pts); a video file NAME.mp4 (...) gets them from `landmarks`."""
+    brings its landmarks (annot/*.pts); a video file NAME.mp4 (...) gets them from `landmarks`. With
+    `tail`, its last HELD_OUT of frames go to OUT/NAME-tail instead."""
     warn = []
     if landmarks:
         name, vid = os.path.splitext(os.path.basename(vdir))[0], vdir
@@ -204,15 +205,21 @@ def _prepare_video(vdir, out, size, crop_scale, landmarks=None):
             raise DataError(f"{files[int(np.argmax(outside(lms, frame.shape)))]}: a landmark lies more than "
                             f"a frame size outside the {frame.shape[1]}x{frame.shape[0]} frames of {vid}")
         if found[t]:
-            crops.append(crop_face(frame, lms[t], size, crop_scale))
+            crops.append((t, *crop_face(frame, lms[t], size, crop_scale)))
         t += 1
     if 0 < t < len(lms):
         warn.append(f"{name}: {vid} has {t} frames for {len(lms)} .pts files; using the first {t}")
-    if len(crops) < MIN_FRAMES:  # sample_triplets could not use it, and evaluation pairs need two
-        raise DataError(f"{vid}: only {len(crops)} usable frame(s); a training triplet needs {MIN_FRAMES}")
+    cut = t - round(HELD_OUT * t) if tail else t  # the first frame of the tail, by the decoded frames
+    parts = {name + TAIL: [c[1:] for c in crops if c[0] >= cut]} if tail else {}
+    parts[name] = [c[1:] for c in crops if c[0] < cut]
+    for part, cs in parts.items():  # sample_triplets could not use a shorter one; evaluation pairs need two
+        if len(cs) < MIN_FRAMES:
+            raise DataError(f"{vid}: only {len(cs)} usable frame(s)" + (f" in {part}" if tail else "")
+                            + f"; a training triplet needs {MIN_FRAMES}")
     own = os.path.join(vdir, "params.json")  # a synthetic video's identity and motion
     params = read_json(own, "make the synthetic video again") if os.path.isfile(own) else None
-    save_prepared(out, name, *zip(*crops), params)
+    for part, cs in parts.items():  # the tail first: a re-run that finds NAME finds both
+        save_prepared(out, part, *zip(*cs), params)
     return len(crops), warn
 
 
@@ -248,12 +255,14 @@ def _read_split(src, split_file):
 
 
 def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None, log=print,
-            videos=None, landmarks=None, skipped=None):
+            videos=None, landmarks=None, skipped=None, hold_out=None):
     """Raw folder SRC of 300VW-layout videos (NNN/vid.avi + NNN/annot/*.pts) -> prepared dataset OUT (see
     the module docstring). Re-runnable: finished videos are kept, bad videos are skipped with one warning
     line each. Footage without .pts files comes from the caller (facesynth.py passes SRC's plain videos,
     extras/landmarks.py: plain_videos): `videos` {name: its file in SRC}, `landmarks` a
-    picklable f(video) -> (landmarks (T,68,2), usable (T,) bool, warnings), `skipped` {SRC entry: why}."""
+    picklable f(video) -> (landmarks (T,68,2), usable (T,) bool, warnings), `skipped` {SRC entry: why}.
+    hold_out: how plain videos are held out without a split file, "name" or "tail" (None: "tail" for a
+    SRC of one video, else "name"; see HELD_OUT)."""
     if not os.path.isdir(src):
         raise DataError(f"{src}: no such folder")
     videos, skipped = videos or {}, dict(skipped or {})
@@ -263,17 +272,24 @@ def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None
         raise DataError(f"{src}: no video folders (NNN/vid.avi and NNN/annot/*.pts) and no video files "
                         f"({' '.join(VIDEO_EXTS)})")
     names = sorted(entry)
+    if split_file and hold_out:
+        raise DataError(f"--hold-out {hold_out} --split-file {split_file}: the split file says what is held "
+                        "out; give one of them")
+    tail = bool(videos) and not split_file and (hold_out or ("tail" if len(names) == 1 else "name")) == "tail"
     meta = {"size": size, "crop_scale": crop_scale, "source": os.path.abspath(src),
-            "synthetic": any(os.path.isfile(os.path.join(src, d, "params.json")) for d in names)}
+            "synthetic": any(os.path.isfile(os.path.join(src, d, "params.json")) for d in names),
+            "hold_out": "tail" if tail else "name"}
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise WriteError(f"{out}: cannot make the output folder ({e.strerror})") from None
     if os.path.isfile(os.path.join(out, "prepare.json")):
         old = read_json(os.path.join(out, "prepare.json"), "remove it, or use another output folder")
-        if not isinstance(old, dict) or (old.get("size"), old.get("crop_scale")) != (size, crop_scale):
-            raise DataError(f"{out}/prepare.json: prepared with size {old.get('size')}, crop_scale "
-                            f"{old.get('crop_scale')}, not {size}, {crop_scale}; use another output folder")
+        was = lambda k: old.get(k, "name" if k == "hold_out" else None) if isinstance(old, dict) else None
+        if [was(k) for k in ("size", "crop_scale", "hold_out")] != [size, crop_scale, meta["hold_out"]]:
+            raise DataError(f"{out}/prepare.json: prepared with size {was('size')}, crop_scale "
+                            f"{was('crop_scale')}, hold-out {was('hold_out')}, not {size}, {crop_scale}, "
+                            f"{meta['hold_out']}; use another output folder")
     split_src, mapping = _read_split(src, split_file)
     write_json(os.path.join(out, "prepare.json"), meta)
     kept = {d: _kept(os.path.join(out, d), size) for d in names}
@@ -284,7 +300,7 @@ def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None
     plan = {d: frame_count(os.path.join(src, entry[d])) if d in videos else
             len(os.listdir(annot(d))) if os.path.isdir(annot(d)) else 0 for d in todo}
     total, n_done, prepared, failed, warnings, t0 = sum(plan.values()), 0, [], [], [], time.time()
-    jobs = [(os.path.join(src, entry[d]), out, size, crop_scale, landmarks if d in videos else None)
+    jobs = [(os.path.join(src, entry[d]), out, size, crop_scale, *((landmarks, tail) if d in videos else ()))
             for d in todo]
     for d, (n, warn) in zip(todo, pool_map(_prepare_one, jobs, workers)):
         (prepared if n else failed).append(d)
@@ -296,19 +312,25 @@ def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None
     for w in [*skipped.values(), *warnings]:  # after the progress line, which overwrites itself
         log(w)
     skipped = [*failed, *skipped]
-    split = _write_split(out, sorted(existing + prepared), videos, split_src, mapping, log)
+    split = _write_split(out, sorted(existing + prepared), videos, split_src, mapping, log, tail)
     log(f"prepare: {len(prepared)} videos prepared, {len(existing)} already there, {len(skipped)} skipped, "
         f"{frames} frames in {out} ({', '.join(f'{k} {len(v)}' for k, v in split.items())})")
     return {"prepared": len(prepared), "existing": len(existing), "skipped": len(skipped), "frames": frames,
             "skipped_names": skipped}
 
 
-def _write_split(out, names, plain, split_src, mapping, log):
+def _write_split(out, names, plain, split_src, mapping, log, tail=False):
     """OUT/split.json for the prepared videos `names`; videos outside the mapping go to train. `plain`
-    videos have no official split: without a split file the last HELD_OUT of them by name are test1."""
+    videos have no official split: without a split file the last HELD_OUT of them by name are test1, or
+    with `tail` the NAME-tail part of each."""
     where = {v: k for k, vs in mapping.items() for v in vs}
-    if not split_src:
-        mine = [d for d in names if d in plain]
+    mine = [d for d in names if d in plain]
+    if tail:
+        names = sorted(names + [d + TAIL for d in mine])
+        where.update({d + TAIL: "test1" for d in mine})
+        log(f"split: no --split-file; the last {HELD_OUT:.0%} of each plain video's frames held out as test1 "
+            f"({', '.join(d + TAIL for d in mine)}), the rest is train")
+    elif not split_src:
         held = mine[len(mine) - (max(1, round(HELD_OUT * len(mine))) if len(mine) > 1 else 0):]
         where.update({d: "test1" for d in held})
         if held:
@@ -408,17 +430,47 @@ def sample_triplets(videos, n, seed, epoch, max_gap=None):
     return out
 
 
-def load_batch(videos, triplets):
+def sample_moves(n, seed, epoch):
+    """--augment's n moves (scale, turn in radians, shift x and y in crop sides) as a float array, a pure
+    function of (seed, epoch) as the triplets are: uniform within AUGMENT (the scale in log)."""
+    rng, top = np.random.default_rng([seed, epoch, 1]), np.log1p(AUGMENT["scale"])
+    return np.stack([np.exp(rng.uniform(-top, top, n)), np.radians(rng.uniform(-1, 1, n) * AUGMENT["turn"]),
+                     *rng.uniform(-AUGMENT["shift"], AUGMENT["shift"], (2, n))], 1)
+
+
+def load_batch(videos, triplets, moves=None):
     """A batch gathered from the memory maps: uint8 images (B,S,S,3) of source and target, the landmarks
     (B,68,2) of source, middle and target (the middle image itself is never needed). A triplet marked
-    for a horizontal flip has all three frames flipped alike, its landmarks mirrored."""
+    for a horizontal flip has all three frames flipped alike, its landmarks mirrored; with `moves`
+    (sample_moves) each triplet is then moved alike (move_triplets)."""
     get = lambda key, k: np.stack([videos[v][key][t] for v, t in zip(triplets[:, 0], triplets[:, k])])
-    b = {"I_s": get("frames", 1), "I_t": get("frames", 3),
-         "lm_s": get("landmarks", 1), "lm_m": get("landmarks", 2), "lm_t": get("landmarks", 3)}
+    images = {"I_s": get("frames", 1), "I_t": get("frames", 3)}
+    marks = {"lm_s": get("landmarks", 1), "lm_m": get("landmarks", 2), "lm_t": get("landmarks", 3)}
     flip = triplets[:, 4].astype(bool)
-    for k, x in b.items():
-        x[flip] = x[flip, :, ::-1] if k[0] == "I" else mirror_landmarks(x[flip], b["I_s"].shape[2])
-    return {k: torch.from_numpy(x) for k, x in b.items()}
+    for x in images.values():
+        x[flip] = x[flip, :, ::-1]
+    for x in marks.values():
+        x[flip] = mirror_landmarks(x[flip], images["I_s"].shape[2])
+    b = {k: torch.from_numpy(x) for k, x in {**images, **marks}.items()}
+    return b if moves is None else move_triplets(b, torch.as_tensor(moves, dtype=torch.float32))
+
+
+def move_triplets(b, moves):
+    """Each triplet's frames and landmarks moved alike by a similarity about the crop's centre c: a point
+    p goes to s R(a) (p - c) + c + d, for moves (B,4) of (s, a, d as crop sides). Each image pixel p'
+    reads its source at R(a)^T (p' - c - d) / s + c, bicubic; outside the crop, the edge repeats (THE
+    crop's rule)."""
+    S, (s, a), d = b["I_s"].shape[1], moves[:, :2].T, moves[:, 2:] * b["I_s"].shape[1]
+    R = torch.stack([torch.stack([a.cos(), -a.sin()], -1), torch.stack([a.sin(), a.cos()], -1)], -2)
+    c = (S - 1) / 2
+    for k in ("lm_s", "lm_m", "lm_t"):
+        b[k] = s[:, None, None] * (b[k] - c) @ R.transpose(1, 2) + c + d[:, None]
+    inv = R.transpose(1, 2) / s[:, None, None]  # in grid_sample's units: 0 at the centre, 2/S a pixel
+    grid = F.affine_grid(torch.cat([inv, -inv @ (d * 2 / S)[..., None]], 2), [len(s), 3, S, S], False)
+    for k in ("I_s", "I_t"):
+        moved = F.grid_sample(b[k].permute(0, 3, 1, 2).float(), grid, "bicubic", "border", False)
+        b[k] = moved.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return b
 
 
 def batches(videos, args, start, total, rank=0, world=1, device=torch.device("cpu")):
@@ -431,11 +483,13 @@ def batches(videos, args, start, total, rank=0, world=1, device=torch.device("cp
             cache = {}
             for step in range(start, total):
                 epoch, i = divmod(step, per_epoch)
-                if epoch not in cache:  # one epoch's triplets: a pure function of (seed, epoch)
-                    cache = {epoch: sample_triplets(videos, per_epoch * B * world, args["seed"], epoch,
-                                                    args["max_gap"])}
-                rows = cache[epoch][(i * world + rank) * B:(i * world + rank + 1) * B]
-                b = load_batch(videos, rows)
+                if epoch not in cache:  # one epoch's triplets (and moves): a pure function of (seed, epoch)
+                    n = per_epoch * B * world
+                    cache = {epoch: (sample_triplets(videos, n, args["seed"], epoch, args["max_gap"]),
+                                     sample_moves(n, args["seed"], epoch) if args.get("augment") else None)}
+                mine = slice((i * world + rank) * B, (i * world + rank + 1) * B)
+                triplets, moves = cache[epoch]
+                b = load_batch(videos, triplets[mine], None if moves is None else moves[mine])
                 if device.type == "cuda":
                     b = {k: v.pin_memory() for k, v in b.items()}
                 q.put((step, b))
@@ -499,29 +553,44 @@ class DataError(ValueError):
 
 
 class WriteError(DataError):
-    """A file that cannot be written (a full disk, no permission): it stops a run, never skips a video."""
+    """A file that cannot be written (a full disk, no permission): it stops a run, never skips a video.
+    `why`: the reason alone, for a caller that words the line its own way."""
 
-
-def why_not(e):
-    """An OSError's reason; numpy's short writes carry no errno."""
-    return e.strerror or f"{e}: is the disk full?"
+    def __init__(self, message, why=""):
+        super().__init__(message)
+        self.why = why
 
 
 @contextlib.contextmanager
-def writing(path):
-    """`with writing(path) as tmp:` write `tmp` (this process's own name), which then replaces `path` whole:
-    a full disk, a crash or an interrupt leaves the old file as it was. A failure is one WriteError."""
+def writing(path, folder=False):
+    """`with writing(path) as tmp:` write `tmp`, which then replaces `path` whole: a full disk, a crash or
+    an interrupt leaves the old file (or folder) as it was, and no half of the new one. The one place
+    where the project writes to a temporary name and renames. A file's `tmp` is this process's own,
+    NAME.PID.tmp.EXT (a writer picks its format by the extension), fsynced before the rename; a folder's
+    is .NAME.tmp, made empty for the caller (readers of a folder of folders skip dot-names). A failure
+    is one WriteError naming `path`."""
     stem, ext = os.path.splitext(path)
-    tmp = f"{stem}.{os.getpid()}.tmp{ext}"
+    head, name = os.path.split(path)
+    tmp = os.path.join(head, f".{name}.tmp") if folder else f"{stem}.{os.getpid()}.tmp{ext}"
+    remove = functools.partial(shutil.rmtree, ignore_errors=True) if folder else os.remove
     try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        os.makedirs(head or ".", exist_ok=True)
+        if folder:
+            remove(tmp)  # a killed writer's
+            os.makedirs(tmp)
         yield tmp
+        if folder:
+            remove(path)
+        else:
+            with open(tmp, "rb") as f:  # on disk before the rename: a crash then leaves the old or the new
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise WriteError(f"{path}: cannot write ({why_not(e)})") from None
+            remove(tmp)
+        if isinstance(e, OSError):  # numpy's short writes carry no errno
+            why = e.strerror or f"{e}: is the disk full?"
+            raise WriteError(f"{path}: cannot write ({why})", why) from None
         raise
 
 

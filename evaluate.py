@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 import data
 import networks
 from data import DataError, progress
-from extras import cli, landmarks, synthetic
+from extras import cli, yardsticks
 from losses import TERMS
 
 # ----------------------------------------------------------------------------- defaults
@@ -34,7 +34,8 @@ FLICKER_VIDEOS, FLICKER_FRAMES = 8, 24  # flicker: the first 8 videos of the spl
 TAIL = 0.1                           # "end of training" = mean of the last 10 % of the log's rows
 T975 = (12.706, 4.303, 3.182, 2.776)  # Student t 97.5 % quantiles, df 1..4
 WIDTH = 100                          # the terminal's table: at most 100 columns, FIRST's metrics first
-FIRST = ("L1", "PSNR", "SSIM", "x_L1", "x_PSNR", "x_SSIM", "flicker", "lm_err", "id_dist")
+FIRST = ("L1", "L1_large", "SSIM", "SSIM_large", "PSNR", "PSNR_large", "x_L1", "x_L1_large", "x_SSIM",
+         "x_SSIM_large", "flicker", "lm_err", "id_dist")
 # Every figure with faces, the sample grids and reenact's video: these columns, in this order.
 COLUMNS = ("source", "target landmarks", "generated", "target")
 _VIDEOS = {}  # videos_of's cache: (root, split) -> videos
@@ -214,14 +215,16 @@ def flicker(frames):
     return float(np.abs(np.diff(f, axis=0)).mean()) if len(f) > 1 else 0.0
 
 
-def flicker_ratio(G, cfg, video, n=FLICKER_FRAMES):
+def flicker_ratio(draw, video, n=FLICKER_FRAMES):
     """Temporal consistency (the paper's ethics section: frame-by-frame generation flickers): a test
-    video's first frame driven by its own next n landmarks; the generated video's mean frame-to-frame
-    change over the real video's. 1 = as steady as the real footage, above 1 = flicker."""
+    video's first frame driven by its own next n landmarks (draw: a model's generate_fn); the drawn
+    video's mean frame-to-frame change over the real video's. 1 = as steady as the footage, above 1 =
+    flicker."""
     T = min(len(video["landmarks"]), n)
     if T < 2:  # no frame-to-frame change to compare; metrics drops the nan
         return math.nan
-    gen = networks.generate(G, cfg, np.repeat(np.asarray(video["frames"][:1]), T, 0), video["landmarks"][:T])
+    first = lambda x: np.repeat(np.asarray(x[:1]), T, 0)
+    gen = draw(first(video["frames"]), first(video["landmarks"]), video["landmarks"][:T])
     return flicker(gen) / max(flicker(np.asarray(video["frames"][:T])), 1e-6)
 
 
@@ -265,82 +268,96 @@ def mean_ci(x):
 
 
 def metrics(run_dirs, split=None, data_root=None, n_pairs=N_EVAL, seed=SEED, device="cpu", judge=0):
-    """Score each run on the deterministic pairs of its dataset (its config's, unless `data`). Returns
-    {"split", "n_pairs", "seed", "judge", "runs": {run_dir: {"data", "split", "pairs": {metric: [per
-    pair]}, "summary": {metric: [mean, low, high]}}}}, the interval a 95 % t-interval over pairs.
-    judge: how many of the pairs dlib's face judge scores (~0.3 s a pair, so none unless asked)."""
-    for run_dir in run_dirs:  # every checkpoint and dataset read first: a mistyped last run fails at once
-        videos_of(data_root or networks.load_checkpoint(run_dir)["args"]["data"], split)
-    out, t0 = {"n_pairs": n_pairs, "seed": seed, "runs": {}}, time.time()
-    for i, run_dir in enumerate(run_dirs):
-        tag = f"metrics {i + 1}/{len(run_dirs)}"
-        G, cfg = networks.load_generator(run_dir, device)
-        root = data_root or cfg["args"]["data"]
+    """Score each run, and the floor (copy, warp) on each run's dataset, on that dataset's deterministic
+    pairs (its config's, unless `data_root`). Returns {"split", "n_pairs", "seed", "judge", "runs": {run:
+    row}, "baselines": {name: row}, "motion": {dataset: {"edges", "pairs"}}}, a row {"data", "split",
+    "pairs": {metric: [per pair]}, "summary": {metric: [mean, low, high]}, "n": {metric: pairs}}, the
+    interval a 95 % t-interval over pairs. judge: how many pairs dlib's face judge scores (~0.5 s each)."""
+    roots = {r: data_root or networks.load_checkpoint(r)["args"]["data"] for r in run_dirs}
+    for root in roots.values():  # every checkpoint and dataset read first: a mistyped last run fails at once
+        videos_of(root, split)
+    datasets = list(dict.fromkeys(roots.values()))
+    names = dict(zip(datasets, labels(datasets))) if len(datasets) > 1 else {datasets[0]: ""}
+    jobs = [(f"{b} ({names[root]})" if names[root] else b, b, root) for root in datasets
+            for b in yardsticks.BASELINES] + [(r, None, roots[r]) for r in run_dirs]
+    out, t0 = {"n_pairs": n_pairs, "seed": seed, "runs": {}, "baselines": {}, "motion": {}}, time.time()
+    for i, (name, baseline, root) in enumerate(jobs):
+        tag = f"metrics {i + 1}/{len(jobs)}"
+        draw = yardsticks.draw(baseline) if baseline else yardsticks.generate_fn(
+            *networks.load_generator(name, device), networks.generate)
         out["split"], videos = videos_of(root, split)
         src, src_lm, tgt, tgt_lm = gather(videos, n_pairs, seed)
-        gen = networks.generate(G, cfg, src, tgt_lm, label=f"{tag} same-video pairs:")
-        judged, out["judge"] = landmarks.judge(gen, src, src_lm, tgt_lm, judge, f"{tag} judge:")
-        pairs = {**scores(gen, tgt), **judged}
-        if len(videos) > 1 and all(v["params"] for v in videos):  # the synthetic set: cross-identity
-            draw = lambda sources, lm, label: networks.generate(G, cfg, sources, lm, label=label)
-            pairs.update(synthetic.cross_scores(root, out["split"], videos, n_pairs, seed, draw, scores, tag))
-        pairs["flicker"], t1 = [], time.time()
-        for k, v in enumerate(videos[:FLICKER_VIDEOS]):
-            pairs["flicker"].append(flicker_ratio(G, cfg, v))
-            progress(f"{tag} flicker:", k + 1, len(videos[:FLICKER_VIDEOS]), t1, unit="videos")
-        # nan = a leak pair whose attribute left no mask: the same pairs for every run, still paired
-        pairs = {k: [float(x) for x in v if np.isfinite(x)] for k, v in pairs.items()}
-        out["runs"][run_dir] = {"data": root, "split": out["split"], "pairs": pairs,
-                                "summary": {k: mean_ci(v) for k, v in pairs.items()}}
-        left = (time.time() - t0) / (i + 1) * (len(run_dirs) - i - 1)
-        print(f"{tag} {run_dir} scored, {data.clock(time.time() - t0)} so far" +
-              (f"; ETA {data.clock(left)} for the other {len(run_dirs) - i - 1}" if left else ""), flush=True)
+        gen = draw(src, src_lm, tgt_lm, f"{tag} same-video pairs:")
+        pairs = scores(gen, tgt)
+        # beyond the paper (extras/yardsticks.py): the judge, and the synthetic set's cross-identity truth
+        more, out["judge"], moved = yardsticks.beyond(draw, root, out["split"], videos,
+                                                      (src, src_lm, gen, tgt_lm), n_pairs, seed, judge, tag,
+                                                      scores)
+        pairs.update(more)
+        if baseline != "copy":  # a copy never moves: no flicker to measure
+            pairs["flicker"], t1 = [], time.time()
+            for k, v in enumerate(videos[:FLICKER_VIDEOS]):
+                pairs["flicker"].append(flicker_ratio(draw, v))
+                progress(f"{tag} flicker:", k + 1, len(videos[:FLICKER_VIDEOS]), t1, unit="videos")
+        moved[""] = yardsticks.motion(src_lm, tgt_lm)
+        out["motion"][root] = {"edges": yardsticks.thirds(moved[""])[0], "pairs": moved[""].tolist()}
+        summary, count = yardsticks.summarise(pairs, moved, mean_ci)
+        out["baselines" if baseline else "runs"][name] = {
+            "data": root, "split": out["split"], "summary": summary, "n": count,
+            "pairs": {k: [float(x) for x in v if np.isfinite(x)] for k, v in pairs.items()}}
+        left = (time.time() - t0) / (i + 1) * (len(jobs) - i - 1)
+        print(f"{tag} {name} scored, {data.clock(time.time() - t0)} so far" +
+              (f"; ETA {data.clock(left)} for the other {len(jobs) - i - 1}" if left else ""), flush=True)
     return out
 
 
 # ----------------------------------------------------------------------------- figures
 def generated_pairs(run_dirs, split, data_root, n, seed, device):
     """The first n evaluation pairs of the runs' (one) dataset as image columns: source, the target
-    landmarks as the first run's G is given them, target, and the list of each run's generated images."""
+    landmarks as the first run's G is given them, target, the list of each run's generated images, and
+    the `warp` floor's (extras/yardsticks.py)."""
     runs = [networks.load_generator(r, device) for r in run_dirs]
     roots = {data_root or cfg["args"]["data"] for _, cfg in runs}
     if len(roots) > 1:  # a figure's rows are shared, so the runs must be
         raise DataError(f"runs use different datasets ({', '.join(sorted(roots))}); pick one with --data")
-    src, _, tgt, tgt_lm = gather(videos_of(roots.pop(), split)[1], n, seed)
+    src, src_lm, tgt, tgt_lm = gather(videos_of(roots.pop(), split)[1], n, seed)
     gens = [networks.generate(G, cfg, src, tgt_lm) for G, cfg in runs]
-    return src, landmark_picture(tgt_lm, runs[0][1]), tgt, gens
+    return src, landmark_picture(tgt_lm, runs[0][1]), tgt, gens, yardsticks.warp(src, src_lm, tgt_lm)
 
 
 @torch.no_grad()
 def sample_grid(G, pairs, args, path, step):
-    """samples/step_NNNNNN.png: train's fixed pairs (sample_pairs) as COLUMNS, G's drawing at this step."""
+    """samples/step_NNNNNN.png: train's fixed pairs (sample_pairs) as COLUMNS, G's drawing at this step
+    beside the warp floor's."""
     hm = args["size"], args["sigma"], args["window"]
     fake = data.to_uint8(G(pairs["I_s"], data.heatmaps(pairs["lm_t"], *hm)))
-    head = [f"source ({pairs['split']})", COLUMNS[1], f"generated, step {step}", COLUMNS[3]]
+    head = [f"source ({pairs['split']})", COLUMNS[1], f"generated, step {step}", "warp", COLUMNS[3]]
     return write_png(path, tile_figure([pairs["src"], landmark_picture(pairs["lm_t"].cpu(), {"args": args}),
-                                        fake, pairs["tgt"]], head))
+                                        fake, pairs["warp"], pairs["tgt"]], head))
 
 
 def heatmap_figure(run_dirs, out, split=None, data_root=None, n=N_FIGURE, seed=SEED, device="cpu",
                    vmin=VMIN, vmax=VMAX):
-    """Appendix B, a row per pair: COLUMNS with each run's generated image, then each run's error
-    heatmap; also each heatmap alone in out/heatmaps/."""
-    src, lm, tgt, gens = generated_pairs(run_dirs, split, data_root, n, seed, device)
-    heats, names = [error_heatmap(g, tgt, vmin, vmax) for g in gens], labels(run_dirs)
+    """Appendix B, a row per pair: COLUMNS with each run's generated image and the warp floor's, then
+    each one's error heatmap; also each heatmap alone in out/heatmaps/."""
+    src, lm, tgt, gens, floor = generated_pairs(run_dirs, split, data_root, n, seed, device)
+    names = [*labels(run_dirs), "warp"]
+    heats = [error_heatmap(g, tgt, vmin, vmax) for g in [*gens, floor]]
     for name, h in zip(names, heats):
         for i, img in enumerate(h):
             write_png(os.path.join(out, "heatmaps", f"{name}_pair{i}.png"), img)
-    head = [*COLUMNS[:2], *(f"{r}: generated" for r in names), COLUMNS[3], *(f"{r}: error" for r in names)]
-    figure = tile_figure([src, lm, *gens, tgt, *heats], head, (vmin, vmax))
+    head = [*COLUMNS[:2], *(f"{r}: generated" for r in names[:-1]), "warp", COLUMNS[3],
+            *(f"{r}: error" for r in names)]
+    figure = tile_figure([src, lm, *gens, floor, tgt, *heats], head, (vmin, vmax))
     return write_png(os.path.join(out, "heatmaps.png"), figure)
 
 
 def grid_figures(run_dirs, out, split=None, data_root=None, n=N_FIGURE, seed=SEED, device="cpu"):
-    """Fig. 1, a PNG per run: COLUMNS."""
+    """Fig. 1, a PNG per run: COLUMNS, with the warp floor beside the generated column."""
     paths = []
     for run_dir, name in zip(run_dirs, labels(run_dirs)):
-        src, lm, tgt, (gen,) = generated_pairs([run_dir], split, data_root, n, seed, device)
-        figure = tile_figure([src, lm, gen, tgt], COLUMNS)
+        src, lm, tgt, (gen,), floor = generated_pairs([run_dir], split, data_root, n, seed, device)
+        figure = tile_figure([src, lm, gen, floor, tgt], [*COLUMNS[:3], "warp", COLUMNS[3]])
         paths.append(write_png(os.path.join(out, f"grid_{name}.png"), figure))
     return paths
 
@@ -414,46 +431,44 @@ def table(head, rows):
     return "\n".join([row(head), "|---" * len(head) + "|"] + [row(r) for r in rows])
 
 
+def rows(m):
+    """The tables' rows, (name, row): the floor first (`copy`, `warp`), then the runs by label."""
+    return [*m["baselines"].items(), *zip(labels(list(m["runs"])), m["runs"].values())]
+
+
 def save_metrics(m, out):
-    """metrics.json (everything, per-pair scores included), metrics.csv (a row per run and metric) and
-    metrics.md: a row per run, "mean [95 % CI over pairs]" per metric. Returns that Markdown table."""
-    runs = list(zip(labels(list(m["runs"])), m["runs"].values()))
-    keys = list(dict.fromkeys(k for _, r in runs for k in r["summary"]))
+    """metrics.json (everything, per-pair scores included), metrics.csv (a row per model and metric) and
+    metrics.md: a row per model, "mean [95 % CI over pairs]" per metric. Returns that Markdown table."""
+    models = rows(m)
+    keys = list(dict.fromkeys(k for _, r in models for k in r["summary"]))
     with data.writing(os.path.join(out, "metrics.json")) as tmp, open(tmp, "w") as f:
         json.dump(m, f)
     with data.writing(os.path.join(out, "metrics.csv")) as tmp, open(tmp, "w", newline="") as f:
         csv.writer(f).writerows([["run", "metric", "mean", "ci_low", "ci_high", "n"]] + [
-            [name, k, *v, len(r["pairs"][k])] for name, r in runs for k, v in r["summary"].items()])
+            [name, k, *v, r["n"][k]]
+            for name, r in models for k, v in r["summary"].items()])
     md = table(["run"] + keys, [[name] + [fmt(r["summary"][k]) if k in r["summary"] else "-" for k in keys]
-                                for name, r in runs])
+                                for name, r in models])
+    edges = "; ".join(f"{labels([d])[0]} {e['edges'][0]:.3g} and {e['edges'][1]:.3g}"
+                      for d, e in m["motion"].items())
     with data.writing(os.path.join(out, "metrics.md")) as tmp, open(tmp, "w") as f:
         f.write(f"Split `{m['split']}`, {m['n_pairs']} pairs (seed {m['seed']}); judge: {m['judge']}. "
-                f"Mean [95 % t-interval over pairs].\n\n{md}\n")
+                f"Mean [95 % t-interval over pairs]. `copy` and `warp` are the floor (no training). "
+                f"_small/_medium/_large: the thirds of the pairs by motion (mean landmark displacement / "
+                f"face size), edges {edges}.\n\n{md}\n")
     return md
-
-
-def short_table(m, width=WIDTH):
-    """Mean ± half the 95 % interval per run and metric, plain text within `width` columns: FIRST's
-    metrics first, then the others while they fit. Returns (text, the metrics left out)."""
-    runs = list(zip(labels(list(m["runs"])), m["runs"].values()))
-    keys = list(dict.fromkeys(k for _, r in runs for k in r["summary"]))
-    keys = sorted(keys, key=lambda k: FIRST.index(k) if k in FIRST else len(FIRST))
-    cell = lambda s: f"{s[0]:.3g}" + (f"±{(s[2] - s[1]) / 2:.2g}" if math.isfinite(s[1]) else "")
-    cols = [[k] + [cell(r["summary"][k]) if k in r["summary"] else "-" for _, r in runs] for k in keys]
-    text, shown = cli.columns([["run"] + [n[-30:] for n, _ in runs]] + cols, width)
-    return text, keys[shown - 1:]
 
 
 def main(argv=None):
     p = cli.ArgParser(description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     for cmd, about in (
-            ("heatmaps", "Appendix B: each run's |generated - target| on the same held-out pairs"),
-            ("grid", "Fig. 1 per run: source, target landmarks (as G gets them), generated, target"),
+            ("heatmaps", "Appendix B: each run's |generated - target| on the same held-out pairs, and warp's"),
+            ("grid", "Fig. 1 per run: source, target landmarks (as G gets them), generated, warp, target"),
             ("losses", "Fig. 3 (each weighted loss term at the end), Fig. 4 (over training), from log.csv"),
-            ("metrics", "L1 / PSNR / SSIM on held-out pairs with 95 % intervals (the synthetic set adds "
-                        "cross-identity scores against rendered truth and identity leak), and flicker; a "
-                        "short table, the full one in OUT/metrics.md (.csv, .json)")):
+            ("metrics", "L1 / PSNR / SSIM on held-out pairs with 95 % intervals, on all pairs and by motion "
+                        "third, beside the floor (copy, warp); on the synthetic set cross-identity scores and "
+                        "identity leak; flicker. A short table; all of it in OUT/metrics.md (.csv, .json)")):
         s = sub.add_parser(cmd, help=about.replace("%", "%%"), description=about)  # help is %-formatted
         s.add_argument("--runs", nargs="+", help="run folders (default: the run under runs/ trained last)")
         s.add_argument("--out", default="eval", help="output folder")
@@ -478,19 +493,23 @@ def main(argv=None):
         if a.cmd == "heatmaps" and not a.vmin < a.vmax:
             raise DataError(f"--vmin {a.vmin:g} --vmax {a.vmax:g}: the colour scale needs vmin < vmax")
         a.runs = a.runs or cli.latest_run()
+        pairs = (a.split, a.data, a.n, a.seed, device) if a.cmd != "losses" else ()
         if a.cmd == "losses":
             paths = loss_figures(a.runs, a.out)
-        elif a.cmd == "metrics":
-            m = metrics(a.runs, a.split, a.data, a.n, a.seed, device, a.judge)
-            save_metrics(m, a.out)
-            text, rest = short_table(m)
-            print(f"\n{text}\n\nmean ± half the 95 % t-interval over {a.n} pairs; judge: {m['judge']}"
-                  + (f"; also in {a.out}/metrics.md: {', '.join(rest)}" if rest else ""))
-            paths = [os.path.join(a.out, f) for f in ("metrics.md", "metrics.csv", "metrics.json")]
+        elif a.cmd == "heatmaps":
+            paths = [heatmap_figure(a.runs, a.out, *pairs, a.vmin, a.vmax)]
+        elif a.cmd == "grid":
+            paths = grid_figures(a.runs, a.out, *pairs)
         else:
-            paths = ([heatmap_figure(a.runs, a.out, a.split, a.data, a.n, a.seed, device, a.vmin, a.vmax)]
-                     if a.cmd == "heatmaps"
-                     else grid_figures(a.runs, a.out, a.split, a.data, a.n, a.seed, device))
+            m = metrics(a.runs, *pairs, a.judge)
+            save_metrics(m, a.out)
+            text, rest = cli.short_table(rows(m), FIRST, WIDTH)
+            edges = "; ".join(f"{e['edges'][0]:.3g} and {e['edges'][1]:.3g}" for e in m["motion"].values())
+            print(f"\n{text}\n\ncopy, warp: the floor, no training. Mean ± half the 95 % t-interval over "
+                  f"{a.n} pairs.\n_large: the third of the pairs that move most (motion = mean landmark "
+                  f"displacement / face\nsize; thirds' edges {edges}). Judge: {m['judge']}."
+                  + (f" {len(rest)} more metrics in {a.out}/metrics.md." if rest else ""))
+            paths = [os.path.join(a.out, f) for f in ("metrics.md", "metrics.csv", "metrics.json")]
     except DataError as e:
         cli.fail(str(e))
     print("wrote " + ", ".join(paths))

@@ -35,8 +35,10 @@ import extras.cli as cli
 import extras.landmarks
 import extras.play
 import extras.reenact
+import extras.runs as runs
 import extras.speed
 import extras.synthetic
+import extras.yardsticks
 from losses import TERMS
 
 # ----------------------------------------------------------------------------- defaults
@@ -54,9 +56,6 @@ synthetic set unless --data. A first run: the README's CPU recipe. OUT gets log.
 step 1, every --log-every steps and where the run stops), samples/step_N.png (the same held-out
 faces each time), config.json and ckpt.pt. Ctrl-C saves and stops; --resume OUT goes on from there."""
 CACHE = extras.synthetic.SYNTH_CACHE
-# what --resume may change: the schedule (sticks from then on), and this session's own settings
-SCHEDULE = {"steps", "epochs", "out"}
-SESSION = {"device", "log_every", "sample_every", "ckpt_every", "compile"}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # torch.compile's modes
 
 
@@ -76,59 +75,76 @@ def generator_passes(G, I_s, e_s, e_m, e_t, cycle=True, fused=True):
     return fake, mid, cyc, tri
 
 
-def train_step(G, D, vgg, opt_G, opt_D, b, lam, measure, hm, fused=True, amp=False):
-    """One step on a batch b of device tensors; hm holds the heatmaps' size, sigma and window. Returns
-    the raw (unweighted) terms as tensors: every term with a weight, plus, when measure is set, the
-    ablated ones (computed without grad), so that ablated runs can be compared term by term. Nothing
-    here waits for the device.
+def generator_terms(D, vgg, b, want, fake, cyc, e_t, tri, amp):
+    """The raw (unweighted) terms of L_G named in `want`, from G's passes. D and VGG are frozen here:
+    their gradients reach G's image only."""
+    terms = {"pix": losses.L_pix(fake, b["I_t"])}  # L_pix = ||Î_t - I_t||²
+    if "adv" in want:
+        terms["adv"] = losses.L_adv(D(fake, e_t))  # L_adv = BCE(D(Î_t, e_t), 1)
+    if cyc is not None:
+        terms["self"] = losses.L_self(cyc, b["I_s"])  # ||G(G(I_s; e_t); e_s) - I_s||²
+        terms["triple"] = losses.L_triple(tri, fake)  # ||G(G(I_s; e_m); e_t) - G(I_s; e_t)||²
+    if {"pp", "id"} & set(want):
+        with torch.autocast(fake.device.type, dtype=torch.bfloat16, enabled=bool(amp)):
+            with torch.no_grad():
+                real_f = vgg(b["I_t"])
+            fake_f = vgg(fake)
+        real_f, fake_f = ({k: v.float() for k, v in f.items()} for f in (real_f, fake_f))  # losses in fp32
+        terms["pp"] = losses.L_pp(fake_f, real_f)  # sum_l ||Φ_l(I_t) - Φ_l(Î_t)||₁ + ||Gram - Gram||_F
+        terms["id"] = losses.L_id(fake_f, real_f)  # ||Φ(I_t) - Φ(Î_t)||₁ at losses.ID_LAYER
+    return terms
+
+
+def conditions(b, hm):
+    """e_s, e_m, e_t: the batch's landmarks as heatmaps (hm: their size, sigma and window)."""
+    return (data.heatmaps(b[k], hm["size"], hm["sigma"], hm["window"]) for k in ("lm_s", "lm_m", "lm_t"))
+
+
+def train_step(G, D, vgg, opt_G, opt_D, b, lam, hm, fused=True, amp=False):
+    """One step on a batch b of device tensors: G's passes, D's update (when G learns from D), G's update.
+    Only what a term with a weight needs is computed. Returns the raw terms with a weight, and L_G (and
+    L_D), as tensors: nothing here waits for the device.
 
     amp: VGG runs in bf16 autocast; G and D stay fp32 (TF32 tensor cores on CUDA). L_self and L_triple
     weigh (x100) small differences between generated images, and bf16 noise through G's four passes
     swamps them, while VGG's features only feed L_pp and L_id (docs/speed.md has the measurements)."""
     torch.compiler.cudagraph_mark_step_begin()  # --compile reduce-overhead: last step's graph buffers free
-    I_s, I_t = b["I_s"], b["I_t"]
-    e_s, e_m, e_t = (data.heatmaps(b[k], hm["size"], hm["sigma"], hm["window"])
-                     for k in ("lm_s", "lm_m", "lm_t"))
-    need = lambda *ts: any(lam[t] > 0 for t in ts)
-    fake, mid, cyc, tri = generator_passes(G, I_s, e_s, e_m, e_t, need("self", "triple") or measure, fused)
-    # L_D = BCE(D(I_t, e_t), 1) + BCE(D(Î_t, e_t), 0); Î_t detached: this update is D's alone
-    L_D = losses.L_D(D(I_t, e_t), D(fake.detach(), e_t))
-    opt_D.zero_grad(set_to_none=True)
-    L_D.backward()
-    opt_D.step()
-
+    e_s, e_m, e_t = conditions(b, hm)
+    want = [t for t in TERMS if lam[t] > 0]
+    fake, _, cyc, tri = generator_passes(G, b["I_s"], e_s, e_m, e_t, {"self", "triple"} & set(want), fused)
+    out = {}
+    if lam["adv"] > 0:  # with λ_adv = 0 G never sees D: D is neither run nor trained
+        # L_D = BCE(D(I_t, e_t), 1) + BCE(D(Î_t, e_t), 0); Î_t detached: this update is D's alone
+        out["D"] = L_D = losses.L_D(D(b["I_t"], e_t), D(fake.detach(), e_t))
+        opt_D.zero_grad(set_to_none=True)
+        L_D.backward()
+        opt_D.step()
     D_plain = getattr(D, "module", D)  # G's pass through D needs no gradient sync for D
     D_plain.requires_grad_(False)
-    # L_adv = BCE(D(Î_t, e_t), 1);  L_pix = ||Î_t - I_t||²
-    terms = {"adv": losses.L_adv(D_plain(fake, e_t)), "pix": losses.L_pix(fake, I_t)}
-    if cyc is not None:
-        terms["self"] = losses.L_self(cyc, I_s)      # ||G(G(I_s; e_t); e_s) - I_s||²
-        terms["triple"] = losses.L_triple(tri, fake)  # ||G(G(I_s; e_m); e_t) - G(I_s; e_t)||²
-    if need("pp", "id") or measure:
-        with torch.autocast(I_s.device.type, dtype=torch.bfloat16, enabled=bool(amp)):
-            with torch.no_grad():
-                real_f = vgg(I_t)
-            with torch.set_grad_enabled(need("pp", "id")):
-                fake_f = vgg(fake)
-        # the losses in fp32
-        real_f, fake_f = ({k: v.float() for k, v in f.items()} for f in (real_f, fake_f))
-        terms["pp"] = losses.L_pp(fake_f, real_f)  # sum_l ||Φ_l(I_t) - Φ_l(Î_t)||₁ + ||Gram - Gram||_F
-        terms["id"] = losses.L_id(fake_f, real_f)  # ||Φ(I_t) - Φ(Î_t)||₁ at losses.ID_LAYER
+    terms = generator_terms(D_plain, vgg, b, want, fake, cyc, e_t, tri, amp)
     # L_G = L_adv + λ_pix L_pix + λ_self L_self + λ_triple L_triple + λ_pp L_pp + λ_id L_id
     L_G = losses.generator_loss(terms, lam)
     D_plain.requires_grad_(True)
     opt_G.zero_grad(set_to_none=True)
     L_G.backward()
     opt_G.step()
-    terms = {k: v.detach() for k, v in terms.items()}
-    terms["G"], terms["D"] = L_G.detach(), L_D.detach()
-    return terms
+    return {**{k: v.detach() for k, v in terms.items()}, "G": L_G.detach(), **{k: v.detach() for k, v in out.items()}}
+
+
+@torch.no_grad()
+def measure(G, D, vgg, b, hm, amp=False):
+    """Every raw term of L_G and L_D on a batch, without gradient and without any update: what a log row
+    reports of the terms a run does not train on, so that ablated runs compare term by term."""
+    e_s, e_m, e_t = conditions(b, hm)
+    fake, _, cyc, tri = generator_passes(G, b["I_s"], e_s, e_m, e_t)
+    return {**generator_terms(D, vgg, b, TERMS, fake, cyc, e_t, tri, amp),
+            "D": losses.L_D(D(b["I_t"], e_t), D(fake, e_t))}
 
 
 # ----------------------------------------------------------------------------- training
 def setup_distributed(device):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python facesynth.py` is one process. Returns
-    (rank, world, device, flags): flags is a gloo group for the ranks' CPU tensors (beside NCCL's)."""
+    (rank, world, device, group): group is a gloo group for the ranks' CPU tensors (beside NCCL's)."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return 0, 1, device, None
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -138,50 +154,34 @@ def setup_distributed(device):
     return dist.get_rank(), dist.get_world_size(), device, dist.new_group(backend="gloo")
 
 
-def resumed(args):
-    """--resume -> (this session's options, the run's options to save, the checkpoint). The run keeps
-    its saved options; a schedule option typed now (--steps, --epochs, --out) changes the run, a session
-    option typed now (--device, --log-every, ...) only this session. A changed model or data option is
-    an error: the weights would no longer mean what the options say."""
-    ckpt, given = networks.load_checkpoint(args["resume"], networks.TRAIN_KEYS), args["_given"]
-    saved = {**{k: v for k, v in args.items() if k not in given}, **ckpt["args"]}  # old runs: new defaults
-    changed = sorted(k for k in given - SESSION - SCHEDULE - {"resume"} if args[k] != saved.get(k))
-    if changed:
-        names = ', '.join('--' + k.replace('_', '-') for k in changed)
-        raise DataError(f"{args['resume']}: cannot change {names} "
-                        "when resuming; start a new run with another --out instead")
-    run = {**saved, **{k: args[k] for k in given & SCHEDULE}, "resume": args["resume"], "out": args["out"]}
-    return {**run, **{k: args[k] for k in given & SESSION}}, run, ckpt
-
-
-def training_data(args, main_rank, world):
-    """--data, or the built-in synthetic set, built once by rank 0 while the other ranks wait."""
-    if args["data"] is None:
-        args["data"] = extras.synthetic.ensure_synthetic(CACHE) if main_rank else None
+def training_data(root, main_rank, world):
+    """The prepared dataset to train on: `root` (--data), or the built-in synthetic set, built once by
+    rank 0 while the other ranks wait."""
+    if root is None:
+        box = [extras.synthetic.ensure_synthetic(CACHE) if main_rank else None]
         if world > 1:
-            box = [args["data"]]
             dist.broadcast_object_list(box)
-            args["data"] = box[0]
-    args["size"] = data.read_prepared(args["data"])["size"]
-    return data.load_videos(args["data"], "train")
+        root = box[0]
+    return root
 
 
-def build_models(args, device, ckpt, log):
+def build_models(args, device, ckpt, init, log):
     """G, D, the frozen VGG (and where its weights came from), both Adam optimisers, and the step and
-    training seconds to start from: a checkpoint's, or 0. G and D in NCHW; VGG in its device's fastest
-    layout (networks.to_layout: channels_last on the CPU)."""
+    training seconds to start from: a resumed checkpoint's, or 0. --init's run gives G and D their
+    weights, nothing else. G and D in NCHW; VGG in its device's fastest layout (networks.to_layout)."""
     G = networks.build_generator(args).to(device)
     D = networks.Discriminator(ndf=args["ndf"]).to(device)
     again = ckpt and ckpt.get("vgg") == "random"  # the run's loss keeps its features, and its notice is said
-    vgg, vgg_source = networks.load_vgg(losses.VGG_LAYERS, path="random" if again else args["vgg"],
-                                        log=(lambda *a: None) if again else log,
-                                        widths=args["vgg_widths"] or networks.VGG_WIDTHS)
+    vgg, vgg_source = networks.load_vgg(losses.VGG_LAYERS, "random" if again else runs.vgg_weights(args["vgg"], log),
+                                        args["vgg_widths"] or networks.VGG_WIDTHS)
     vgg = networks.to_layout(vgg.to(device), device)
     opt_G = torch.optim.Adam(G.parameters(), lr=args["lr_g"], betas=BETAS)
     opt_D = torch.optim.Adam(D.parameters(), lr=args["lr_d"], betas=BETAS)
     start, elapsed = 0, 0.0
+    for weights in (ckpt, init):
+        if weights:
+            G.load_state_dict(weights["G"]), D.load_state_dict(weights["D"])
     if ckpt:
-        G.load_state_dict(ckpt["G"]), D.load_state_dict(ckpt["D"])
         opt_G.load_state_dict(ckpt["opt_G"]), opt_D.load_state_dict(ckpt["opt_D"])
         start, elapsed = ckpt["step"], ckpt.get("time", 0.0)
     return G, D, vgg, vgg_source, opt_G, opt_D, start, elapsed
@@ -197,6 +197,13 @@ def runnable(G, D, vgg, args, world, device, log):
         log(f"torch.compile ({args['compile']}): the first steps compile every module's graphs and are slow")
         return extras.speed.compile_models((G, D, vgg), args["compile"])
     return G, D, vgg
+
+
+def learning_rates(args, done, total):
+    """(G's, D's) learning rate for the step after `done`: the paper's, constant; with --lr-decay,
+    constant for the first half of the run, then down in a straight line to 0 at its end (pix2pix)."""
+    f = min(1.0, 2 * (total - done) / total) if args["lr_decay"] else 1.0
+    return args["lr_g"] * f, args["lr_d"] * f
 
 
 LOG_FIELDS = (["step", "epoch", "time", "triplets_per_s"] + [f"L_{t}" for t in TERMS]
@@ -218,20 +225,21 @@ def start_outputs(out, config, start):
 
 def sample_pairs(args, device, n=4):
     """The sample grids' pairs, fixed for a run: the first n of metrics' pairs on the run's first test
-    split (train when it has none), so that every step's grid shows the same held-out faces."""
+    split (train when it has none), so that every step's grid shows the same held-out faces, beside
+    the warp floor's drawing of them (extras/yardsticks.py)."""
     try:
         split, videos = evaluate.videos_of(args["data"])
     except DataError:
         split, videos = "train", data.load_videos(args["data"], "train")
-    src, _, tgt, lm = evaluate.gather(videos, n)
+    src, src_lm, tgt, lm = evaluate.gather(videos, n)
     return {"split": split, "src": src, "tgt": tgt, "I_s": data.to_tensor(src).to(device),
-            "lm_t": torch.as_tensor(lm, device=device)}
+            "lm_t": torch.as_tensor(lm, device=device), "warp": extras.yardsticks.warp(src, src_lm, lm)}
 
 
-def log_row(path, step, per_epoch, seconds, rate, vals, args):
+def log_row(path, step, per_epoch, seconds, rate, vals, lrs):
     row = [step, f"{step / per_epoch:.3f}", f"{seconds:.1f}", f"{rate:.2f}"]
     row += [f"{vals[t]:.5g}" if t in vals else "" for t in TERMS]
-    row += [f"{vals['G']:.5g}", f"{vals['D']:.5g}", args["lr_g"], args["lr_d"]]
+    row += [f"{vals[k]:.5g}" if k in vals else "" for k in ("G", "D")] + [f"{lr:.6g}" for lr in lrs]
     with open(path, "a", newline="") as f:
         csv.writer(f).writerow(row)
 
@@ -241,8 +249,8 @@ def progress_line(done, total, per_epoch, B, rate, vals, first):
     eta = data.clock((total - done) * B / max(rate, 1e-9))
     speed = "(speed, ETA: next line)" if first else f"{rate:.1f} triplets/s ETA {eta}"
     terms = " ".join(f"{t} {vals[t]:.4f}" for t in TERMS if t in vals)
-    print(f"step {done}/{total} epoch {done / per_epoch:.2f} {speed} | {terms} | D {vals['D']:.4f}",
-          flush=True)
+    print(f"step {done}/{total} epoch {done / per_epoch:.2f} {speed} | {terms}"
+          + (f" | D {vals['D']:.4f}" if "D" in vals else ""), flush=True)
 
 
 def ranks_agree(G, D, world, device, log):
@@ -256,42 +264,45 @@ def ranks_agree(G, D, world, device, log):
         raise FloatingPointError("ranks drifted apart: their weights differ")
 
 
-def stop_signal(stop, flags):
-    """The signal that stops the run after this step, 0 for none; over ranks (`flags`: their CPU group)
-    the largest any got, so all stop after the same step (one leaving alone strands the rest, unsaved)."""
-    signum = torch.tensor([stop[0] if stop else 0])
-    if flags is not None:
-        dist.all_reduce(signum, op=dist.ReduceOp.MAX, group=flags)
-    return int(signum)
-
-
-def train(args):
-    """Train G and D as the paper does, from the options in `args` (a dict; --resume continues a run).
-    The run folder is this process's alone while it trains (networks.own_run)."""
-    if args.get("resume") and "out" not in args["_given"]:  # the run goes on in its own folder
-        args["out"] = networks.run_folder(args["resume"])
+def train(args, given):
+    """Train G and D as the paper does, from the options in `args` (a dict) of which the user typed
+    `given`. --resume continues a run, --init starts a new one from another run's weights. The run
+    folder is this process's alone while it trains (extras/runs.py: own_run)."""
+    if args.get("resume") and "out" not in given:  # the run goes on in its own folder
+        args = {**args, "out": runs.run_folder(args["resume"])}
     owner = int(os.environ.get("RANK", 0)) == 0  # rank 0 holds the folder for all ranks
-    with networks.own_run(args["out"], args.get("resume")) if owner else contextlib.nullcontext():
-        ckpt, run = None, args
+    with runs.own_run(args["out"], args.get("resume")) if owner else contextlib.nullcontext():
+        ckpt = init = None
         if args.get("resume"):
-            args, run, ckpt = resumed(args)
-        run.pop("_given", None), args.pop("_given", None)
-        return train_run(args, run, ckpt)
+            args, run, ckpt = runs.resumed(args, given)
+        else:
+            if args.get("init"):
+                args, init = runs.initialised(args, given)
+            run = args
+        return train_run(args, run, ckpt, init)
 
 
-def train_run(args, run, ckpt):
-    """train's work, in the run folder it owns: `args` this session's options, `run` the run's to save."""
-    rank, world, device, flags = setup_distributed(networks.pick_device(args["device"]))
+def train_run(args, run, ckpt, init):
+    """train's work, in the run folder it owns: `args` this session's options, `run` the run's to save;
+    `ckpt` the checkpoint it resumes, `init` the one whose G and D it starts from (or None)."""
+    rank, world, device, group = setup_distributed(networks.pick_device(args["device"]))
     main_rank = rank == 0
     log = print if main_rank else (lambda *a, **k: None)
     torch.manual_seed(args["seed"] + rank)
-    videos = training_data(args, main_rank, world)
+    root = training_data(args["data"], main_rank, world)
+    fixed = {"data": root, "size": data.read_prepared(root)["size"]}
+    args, run = {**args, **fixed}, {**run, **fixed}
+    if init and init["args"]["size"] != fixed["size"]:
+        raise DataError(f"--init {args['init']}: its run was trained at {init['args']['size']} px, "
+                        f"{root} is {fixed['size']} px")
+    videos = data.load_videos(root, "train")
     lam = losses.lambdas({t: args[f"lambda_{t}"] for t in TERMS if args[f"lambda_{t}"] is not None},
                          args["ablate"])
-    G, D, vgg, vgg_source, opt_G, opt_D, start, elapsed = build_models(args, device, ckpt, log)
+    G, D, vgg, vgg_source, opt_G, opt_D, start, elapsed = build_models(args, device, ckpt, init, log)
     per_epoch = data.steps_per_epoch(args, world)
     total = args["steps"] or args["epochs"] * per_epoch
-    out, B = args["out"], args["batch_size"] * world
+    out, B, amp = args["out"], args["batch_size"] * world, device.type == "cuda"
+    hm = {"size": args["size"], "sigma": args["sigma"], "window": args["window"]}
     ckpt_path, log_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "log.csv")
     if start >= total:
         log(f"{ckpt_path} is at step {start} of {total}: nothing to do "
@@ -301,63 +312,69 @@ def train_run(args, run, ckpt):
         return out
     G_run, D_run, vgg_run = runnable(G, D, vgg, args, world, device, log)
     config = {"args": args, "lambdas": lam, "vgg": vgg_source, "params_G": networks.count_params(G),
-              "params_D": networks.count_params(D), "world_size": world, "device": str(device)}
+              "params_D": networks.count_params(D), "world_size": world, "device": str(device),
+              "init": init and {"run": args["init"], "step": init["step"]}}
     if main_rank:
         start_outputs(out, config, start)
         pairs = sample_pairs(args, device)
-    log(f"G {config['params_G'] / 1e6:.2f}M params, D {config['params_D'] / 1e6:.3f}M params, "
-        f"VGG: {vgg_source}; "
-        f"{len(videos)} train videos, {total} steps of {B} triplets ({per_epoch} steps/epoch) on {device}"
-        + (f" x{world}" if world > 1 else "") + f", from step {start}")
+    log(f"G {config['params_G'] / 1e6:.2f}M params ({args.get('output', 'image')} output), D "
+        f"{config['params_D'] / 1e6:.3f}M params, VGG: {vgg_source}; {len(videos)} train videos, {total} "
+        f"steps of {B} triplets ({per_epoch} steps/epoch) on {device}" + (f" x{world}" if world > 1 else "")
+        + f", from step {start}" + (f" (weights from {args['init']}, step {init['step']})" if init else ""))
 
     saved = start  # the step that ckpt.pt holds
     kept = lambda: f"{ckpt_path} keeps step {saved}" if saved else "no checkpoint was written"
     bad = torch.zeros((), dtype=torch.bool, device=device)  # NaN/inf seen, checked without a sync per step
-    hm = {"size": args["size"], "sigma": args["sigma"], "window": args["window"]}
     t0 = t_line = time.time()
     done = step_line = start
-    stop, previous = networks.on_stop_signals(log)
+    stop, previous = runs.on_stop_signals(log)
     try:
         for step, b in data.batches(videos, args, start, total, rank, world, device):
-            measure = (step + 1) % args["log_every"] == 0 or step + 1 == total or step == 0  # a log row
-            terms = train_step(G_run, D_run, vgg_run, opt_G, opt_D, b, lam, measure, hm,
-                               amp=device.type == "cuda")
-            bad |= ~torch.isfinite(terms["G"] + terms["D"])
-            signum = stop_signal(stop, flags)  # one reading per step: a signal may come any time
-            done, now, stopping = step + 1, time.time(), signum > 0
-            line = main_rank and (measure or stopping or done == start + 1 or now - t_line > LINE_EVERY)
-            save = stopping or done % args["ckpt_every"] == 0 or done == total
-            if (measure or save or done == start + 1) and bad.item():  # the one host sync; all ranks alike
-                raise FloatingPointError(f"loss became NaN/inf by step {done}; stopped ({kept()})")
-            if line:
-                rate = (done - step_line) * B / (now - t_line)
-                t_line, step_line, vals = now, done, {k: v.item() for k, v in terms.items()}
-                if measure or stopping:  # a stopped run's last row: the step its checkpoint holds
-                    log_row(log_path, done, per_epoch, elapsed + now - t0, rate, vals, args)
-                progress_line(done, total, per_epoch, B, rate, vals, first=done == start + 1)
-            grid = done == start + 1 or done % args["sample_every"] == 0 or done == total or stopping
-            if main_rank and grid:
-                # the first one early: a glance that G draws faces at all
-                evaluate.sample_grid(G, pairs, args, os.path.join(out, "samples", f"step_{done:06d}.png"),
-                                     done)
-            if save:
-                if main_rank:  # a checkpoint is a plain dict: weights, optimiser states, the run's options
+            lrs = learning_rates(args, step, total)
+            for opt, lr in zip((opt_G, opt_D), lrs):
+                opt.param_groups[0]["lr"] = lr
+            terms = train_step(G_run, D_run, vgg_run, opt_G, opt_D, b, lam, hm, amp=amp)
+            bad |= ~torch.isfinite(terms["G"] + terms.get("D", 0))
+            done = step + 1
+            # Two decisions a step, alike on every rank: log now, save now. A signal asks for both: one
+            # process answers it after this step, several ranks at the next step they all log or save.
+            log_now = done == 1 or done % args["log_every"] == 0 or done == total  # a row at step 1 too
+            save_now = done % args["ckpt_every"] == 0 or done == total
+            asked = bool(stop) and world == 1
+            if main_rank and (done == start + 1 or done % args["sample_every"] == 0 or done == total or asked):
+                # the same held-out faces each time, the first early: a glance that G draws faces at all
+                evaluate.sample_grid(G, pairs, args, os.path.join(out, "samples", f"step_{done:06d}.png"), done)
+            if log_now or save_now or asked:
+                signum, nan = runs.agree(stop, bad.item(), group)  # the one host sync
+                if nan:
+                    raise FloatingPointError(f"loss became NaN/inf by step {done}; stopped ({kept()})")
+                if main_rank and (log_now or signum):  # a stopped run's last row: the step it saves
+                    now, vals = time.time(), {k: v.item() for k, v in {**measure(
+                        G_run, D_run, vgg_run, b, hm, amp), **terms}.items()}
+                    rate, t_line, step_line = (done - step_line) * B / (now - t_line), now, done
+                    log_row(log_path, done, per_epoch, elapsed + now - t0, rate, vals, lrs)
+                    progress_line(done, total, per_epoch, B, rate, vals, first=done == start + 1)
+                if main_rank and (save_now or signum):  # a checkpoint is a plain dict
                     networks.save_checkpoint(ckpt_path, {
                         "G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
                         "opt_D": opt_D.state_dict(), "step": done, "time": elapsed + time.time() - t0,
                         "args": run, "lambdas": lam, "vgg": vgg_source})
-                saved = done
-            if stopping:
-                log(f"interrupted: checkpoint at step {done} in {ckpt_path}; continue with --resume {out}")
-                raise SystemExit(128 + signum)
+                saved = done if save_now or signum else saved
+                if signum:
+                    log(f"interrupted: checkpoint at step {done} in {ckpt_path}; continue with --resume {out}")
+                    raise SystemExit(128 + signum)
+            elif main_rank and (done == start + 1 or time.time() - t_line > LINE_EVERY):  # never silent long
+                now = time.time()
+                rate, t_line, step_line = (done - step_line) * B / (now - t_line), now, done
+                progress_line(done, total, per_epoch, B, rate, {k: v.item() for k, v in terms.items()},
+                              first=done == start + 1)
         if world > 1:
             ranks_agree(G, D, world, device, log)
     except KeyboardInterrupt:
         log(f"\ninterrupted twice: stopped at once without saving; {kept()}")
         raise SystemExit(128 + (stop or [signal.SIGINT])[0]) from None
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        runs.restore_signals(previous)
         if world > 1:
             # DDP freed now: left to the exit, gloo's threads can abort a finished run (docs/training.md)
             G_run = D_run = vgg_run = None
@@ -380,7 +397,7 @@ def bench(args):
 def ablation(args):
     """The paper's loss ablations over seeds, then OUT/REPORT.md: extras/ablation.py plans the runs,
     trains them with train, checks finished ones as --resume does, and reports."""
-    return extras.ablation.study(args, train, resumed, SESSION | SCHEDULE)
+    return extras.ablation.study(args, train)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -394,6 +411,8 @@ def add_model_options(p):
     p.add_argument("--n-down", type=cli.number(high=8), default=N_DOWN,
                    help="G down-sampling blocks (paper: 4)")
     p.add_argument("--ndf", type=width, default=NDF, help="D width (paper: 32)")
+    p.add_argument("--output", choices=networks.OUTPUTS, default="image", help="what G draws: image (the "
+                   "paper: every pixel), residual (Î_t = I_s + Δ) or flow (I_s moved along a flow, + Δ)")
     p.add_argument("--vgg-widths", type=cli.number(), nargs=5, metavar="C",
                    help="narrower VGG block widths for smoke tests (random features only, no --vgg)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -406,6 +425,8 @@ def add_train_options(p):
     add_model_options(p)
     p.add_argument("--out", default=os.path.join("runs", "default"), help="run folder")
     p.add_argument("--resume", help="run folder or checkpoint to continue from")
+    p.add_argument("--init", metavar="RUN", help="start from RUN's G and D (and its --ngf, --n-down, --ndf, "
+                   "--output): fresh optimisers, this run's data and schedule; e.g. fine-tune on your video")
     p.add_argument("--epochs", type=pos, default=EPOCHS, help="passes of --triplets-per-epoch (paper: 6)")
     p.add_argument("--triplets-per-epoch", type=pos, default=TRIPLETS_PER_EPOCH, help="(paper: 9.5k)")
     p.add_argument("--steps", type=pos, help="total steps, instead of --epochs (a short run: --steps 200)")
@@ -427,6 +448,11 @@ def add_train_options(p):
     p.add_argument("--log-every", type=pos, default=LOG_EVERY, help="steps between log.csv rows")
     p.add_argument("--sample-every", type=pos, default=SAMPLE_EVERY, help="steps between sample grids")
     p.add_argument("--ckpt-every", type=pos, default=CKPT_EVERY, help="steps between checkpoints")
+    # beyond the paper: what lets G beat the floor (docs/training.md)
+    p.add_argument("--augment", action="store_true", help="scale, turn and shift each triplet's three "
+                   "frames and landmarks alike, at random (beyond the paper)")
+    p.add_argument("--lr-decay", action="store_true", help="learning rates constant for half the run, then "
+                   "down to 0 in a straight line (beyond the paper; pix2pix's schedule)")
 
 
 def main(argv=None):
@@ -471,7 +497,7 @@ def main(argv=None):
     verb = a.pop("verb")
     with cli.one_line_errors():
         if verb == "train":
-            train({**a, "_given": cli.given_options(p_train, argv[1:])})
+            train(a, cli.given_options(p_train, argv[1:]))
         elif verb == "prepare":
             summary = data.prepare(args.src, args.out, size=args.size, crop_scale=args.crop_scale,
                                    workers=args.workers, split_file=args.split_file,

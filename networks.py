@@ -5,28 +5,17 @@ checkpoints (plain dicts), G rebuilt from one, batched generation.
 G(I_s, e_t) maps a source image and the target's 68 landmark heatmaps to the target image.
 D(I, e_t) says how real an image looks *given* the landmarks it should show.
 """
-import contextlib
-import fcntl
-import http.client
 import io
 import os
-import re
-import signal
-import socket
-import threading
 import time
-import urllib.parse
-import urllib.request
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from data import N_LANDMARKS, DataError, heatmaps, progress, to_tensor, to_uint8
+from data import N_LANDMARKS, DataError, WriteError, heatmaps, progress, to_tensor, to_uint8, writing
 
-VGG_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
-VGG_FILE = "vgg19-dcbb9e9d.pth"
-VGG_TIMEOUT = 5  # seconds; these machines are offline and must give up at once, not hang
 # torchvision's VGG-19 `features`: a number is a 3x3 conv (+ ReLU) with that many channels, "M" a
 # 2x2 max-pool. Building it in this order makes `features.N` the same N as in torchvision's keys.
 VGG_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
@@ -36,6 +25,9 @@ VGG_WIDTHS = (64, 128, 256, 512, 512)  # channels of the five blocks; tests pass
 RELU = {"relu1_1": 1, "relu1_2": 3, "relu2_1": 6, "relu2_2": 8, "relu3_1": 11, "relu3_2": 13,
         "relu3_3": 15, "relu3_4": 17, "relu4_1": 20, "relu4_2": 22, "relu4_3": 24, "relu4_4": 26,
         "relu5_1": 29, "relu5_2": 31, "relu5_3": 33, "relu5_4": 35}
+# What G's last conv draws. "image": every pixel of Î_t (the paper). Beyond the paper, what changes:
+# "residual", Î_t = I_s + Δ; "flow", Î_t = I_s sampled along a flow F, + Δ. Both start as the copy.
+OUTPUTS = ("image", "residual", "flow")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -89,52 +81,16 @@ def _norm(channels):
     return nn.GroupNorm(channels, channels, eps=1e-5)
 
 
-def _online(host, timeout):
-    """True when `host` resolves within `timeout` s. getaddrinfo ignores socket timeouts, and a dead
-    resolver can block it for minutes, so it runs in a thread we are free to abandon."""
-    ok = []
-
-    def resolve():
-        try:
-            ok.append(socket.getaddrinfo(host, 443))
-        except OSError:
-            pass
-
-    t = threading.Thread(target=resolve, daemon=True)
-    t.start()
-    t.join(timeout)
-    return bool(ok)
-
-
-def _download(url, dest, log):
-    """Fetch `url` into `dest` atomically (a partial file must never look like a good cache entry)."""
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if not _online(host, VGG_TIMEOUT):
-        raise OSError(f"cannot resolve {host}")
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = f"{dest}.part{os.getpid()}"
-    log(f"downloading {url} -> {dest}")
-    try:
-        with urllib.request.urlopen(url, timeout=VGG_TIMEOUT) as r, open(tmp, "wb") as f:
-            total, done, t0 = int(r.headers.get("Content-Length", 0)), 0, time.time()
-            while chunk := r.read(1 << 23):
-                f.write(chunk)
-                done += len(chunk)
-                progress("vgg19", done >> 20, max(total, done) >> 20, t0, unit="MiB")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 class Generator(nn.Module):
     """U-Net: n_down stride-2 down blocks, one residual block at the bottleneck, n_down stride-2 up
     blocks that each see the previous output concatenated with the matching down block's (the
-    skips), then a 3x3 conv to RGB."""
+    skips), then a 3x3 conv to RGB. `output` says what that last conv draws (OUTPUTS)."""
 
-    def __init__(self, ngf=64, n_down=4, n_landmarks=N_LANDMARKS):
+    def __init__(self, ngf=64, n_down=4, n_landmarks=N_LANDMARKS, output="image"):
         super().__init__()
-        self.n_down = n_down
+        if output not in OUTPUTS:
+            raise ValueError(f"unknown output {output!r}; known: {', '.join(OUTPUTS)}")
+        self.n_down, self.output = n_down, output
         ch = [ngf * min(2 ** i, 8) for i in range(n_down)]  # ngf, 2ngf, 4ngf, 8ngf, 8ngf, ... (pix2pix)
         c_in = [3 + n_landmarks] + ch[:-1]
         # Conv4x4/2 -> norm -> LeakyReLU(0.2); no norm on the first block (pix2pix: it would wash out
@@ -153,7 +109,9 @@ class Generator(nn.Module):
         self.up = nn.ModuleList(
             nn.Sequential(nn.ConvTranspose2d(ch[i] + (ch[i + 1] if i < n_down - 1 else 0), ch[i], 4, 2, 1),
                           _norm(ch[i]), nn.ReLU()) for i in range(n_down - 1, -1, -1))
-        self.out = nn.Conv2d(ch[0], 3, 3, 1, 1)  # full resolution -> RGB
+        self.out = nn.Conv2d(ch[0], 3 + 2 * (output == "flow"), 3, 1, 1)  # full resolution -> RGB (+ flow)
+        if output != "image":  # Δ = 0 and no flow: an untrained G copies its source, the copy floor
+            nn.init.zeros_(self.out.weight), nn.init.zeros_(self.out.bias)
 
     def forward(self, image, heatmaps):
         s = image.shape[-1]
@@ -170,7 +128,20 @@ class Generator(nn.Module):
             x = block(x)
             if skips:
                 x = torch.cat([x, skips.pop()], 1)
-        return torch.tanh(self.out(x))  # images live in [-1, 1]
+        y = self.out(x)
+        if self.output == "image":
+            return torch.tanh(y)  # the paper's: G draws every pixel; images live in [-1, 1]
+        if self.output == "flow":  # I_s resampled where the flow points (image half-widths), edges repeated
+            grid = identity_grid(s, image.device) + y[:, 3:].permute(0, 2, 3, 1)
+            image = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return (image + y[:, :3]).clamp(-1, 1)  # Î_t = I_s + Δ (or the flowed I_s + Δ)
+
+
+def identity_grid(size, device):
+    """grid_sample's coordinates of every pixel centre of a size x size image (x, then y, in [-1, 1]):
+    sampling there gives the image back."""
+    c = (torch.arange(size, device=device, dtype=torch.float32) * 2 + 1) / size - 1
+    return torch.stack(torch.meshgrid(c, c, indexing="xy"), -1)[None]
 
 
 class Discriminator(nn.Module):
@@ -252,27 +223,12 @@ class VGG19(nn.Module):
         self.load_state_dict(own)
 
 
-# Two lines, once per run (a resumed run keeps its features quietly): the run trains either way.
-RANDOM_WARNING = ("note: no VGG-19 weights ({why}): L_pp and L_id use random VGG features.\n"
-                  "      Training works; results differ from the paper's. Put " + VGG_FILE
-                  + " in {where}/ or pass --vgg PATH.")
-
-
-def load_vgg(layers, path=None, log=print, widths=VGG_WIDTHS):
-    """VGG-19 weights from, in order: `path`, torch's hub cache, a download; else random features.
-    Returns (vgg, source) with source the file used or "random"."""
+def load_vgg(layers, path="random", widths=VGG_WIDTHS):
+    """VGG-19 up to `layers`, its weights from the torchvision state dict at `path` (extras/runs.py:
+    vgg_weights finds it), or its fixed random features for "random". Returns (vgg, source)."""
     vgg = VGG19(layers, widths)
-    if path == "random":  # asked for: no lookup, no download attempt, but the same notice
-        log(RANDOM_WARNING.format(why="--vgg random", where=os.path.join(torch.hub.get_dir(), "checkpoints")))
+    if path == "random":
         return vgg, "random"
-    if path is None:
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", VGG_FILE)
-        if not os.path.isfile(path):
-            try:
-                _download(VGG_URL, path, log)
-            except (OSError, http.client.HTTPException) as e:  # offline, refused, cut off
-                log(RANDOM_WARNING.format(why=f"download failed: {e}", where=os.path.dirname(path)))
-                return vgg, "random"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a missing, truncated or non-tensor file: say which one and why
@@ -284,115 +240,18 @@ def load_vgg(layers, path=None, log=print, widths=VGG_WIDTHS):
     return vgg, path
 
 
-# ----------------------------------------------------------------------------- run folders and checkpoints
-LOCK = ".lock"  # in a run folder: the PID of the one process that writes it
-STALE = re.compile(r"\.\d+\.tmp(\.\w+)?$|^ckpt\.pt\.tmp$")  # NAME.PID.tmp[.EXT] (data.writing)
-
-
-def holds_run(out):
-    """A run folder with a checkpoint: what `train --out` must not start afresh over."""
-    return os.path.isfile(os.path.join(out, "ckpt.pt"))
-
-
-def _lock_holder(path):
-    try:
-        with open(path) as f:
-            return f.read().strip() or "?"
-    except OSError:
-        return "?"
-
-
-@contextlib.contextmanager
-def own_run(out, resume=None):
-    """One writer per run folder, for as long as the `with` lasts: OUT/.lock holds the owner's PID under an
-    flock, so a second process refuses at once, and a lock whose process died (even by kill -9) is free
-    again: the kernel drops the flock with the process. Then: OUT must hold no run, or the one `resume`
-    continues (never written over silently), and temporary checkpoints in OUT are stale and removed."""
-    path = os.path.join(out, LOCK)
-    try:
-        os.makedirs(out, exist_ok=True)
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise DataError(f"{out}: in use by process {_lock_holder(path)} (it holds {path}); wait for "
-                                "it to finish or stop it, or use another --out") from None
-            if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
-                break  # else the last owner removed the file between our open and flock: take the new one
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-    except OSError as e:
-        raise DataError(f"{e.filename or out}: cannot use as a run folder ({e.strerror or e})") from None
-    try:
-        mine = os.path.join(out, "ckpt.pt")
-        if holds_run(out) and not resume:
-            raise DataError(f"{out}: already holds a run ({mine}); continue it with --resume {out}, or "
-                            "choose another --out")
-        if holds_run(out) and resume and not (os.path.exists(checkpoint_file(resume))
-                                              and os.path.samefile(checkpoint_file(resume), mine)):
-            raise DataError(f"{out}: holds another run ({mine}) that --resume {resume} would write over; "
-                            "choose another --out")
-        for d in (out, os.path.join(out, "samples")):  # no other writer: a killed one's leftovers
-            for f in filter(STALE.search, os.listdir(d) if os.path.isdir(d) else []):
-                os.remove(os.path.join(d, f))
-        yield out
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(path)  # before the flock goes: a process waiting on this file then makes a fresh one
-        os.close(fd)
-
-
-# Ctrl-C, and what ends runs elsewhere: SIGTERM (timeout, docker stop, a cluster's pre-emption), SIGHUP
-# (the terminal closed)
-STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
-
-
-def on_stop_signals(log):
-    """Ctrl-C, SIGTERM or SIGHUP once: the step in flight finishes, a checkpoint is saved, the run exits
-    with 128 + the signal's number. Twice: it exits at once, ckpt.pt untouched. Returns the list that
-    holds the first signal once asked to stop, and the old handlers."""
-    stop = []
-
-    def handler(signum, _):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        if signum == signal.SIGHUP and os.isatty(1):  # the terminal is gone: a print would fail the save
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, 1), os.dup2(null, 2), os.close(null)
-        name = STOP_SIGNALS[signum]
-        log(f"\n{name}: saving after this step ({name} again to quit without saving)", flush=True)
-
-    return stop, {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-
-
+# ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path, ckpt):
-    """Write to a temporary file of this process's own, fsync it, then rename it over the old
-    checkpoint: a full disk, a crash or a Ctrl-C while writing leaves the previous checkpoint as it
-    was, and no temporary file."""
-    tmp, buf = f"{path}.{os.getpid()}.tmp", io.BytesIO()
-    torch.save(ckpt, buf)  # serialised in memory first: a failing disk then raises a plain OSError
+    """A checkpoint, a plain dict, written whole or not at all (data.writing): a full disk, a crash or a
+    Ctrl-C while writing leaves the previous checkpoint as it was."""
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)  # serialised in memory first: a failing disk then fails a plain write
+    kept = "the previous one is kept as it was" if os.path.isfile(path) else "none was written"
     try:
-        with open(tmp, "wb") as f:
+        with writing(path) as tmp, open(tmp, "wb") as f:
             f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            kept = "the previous one is kept as it was" if os.path.isfile(path) else "none was written"
-            raise DataError(f"{path}: cannot write the checkpoint ({e.strerror or e}); {kept}") from None
-        raise
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)  # the rename itself, on disk
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    except WriteError as e:
+        raise WriteError(f"{path}: cannot write the checkpoint ({e.why}); {kept}") from None
 
 
 GENERATE_KEYS = ("G", "step", "args")  # what generation needs
@@ -444,11 +303,6 @@ def checkpoint_file(path):
     return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
 
 
-def run_folder(path):
-    """The run folder of a run folder or checkpoint file."""
-    return path if os.path.isdir(path) else os.path.dirname(path) or "."
-
-
 def load_checkpoint(path, keys=GENERATE_KEYS):
     """A checkpoint is a plain dict of tensors and Python values, so weights_only=True loads it
     without running any pickled code. Always onto the CPU: where it goes next is the caller's
@@ -469,7 +323,7 @@ def load_checkpoint(path, keys=GENERATE_KEYS):
 
 
 def build_generator(args):
-    return Generator(ngf=args["ngf"], n_down=args["n_down"])
+    return Generator(ngf=args["ngf"], n_down=args["n_down"], output=args.get("output", "image"))
 
 
 def load_generator(path, device="cpu"):

@@ -932,18 +932,19 @@ def test_vgg_bad_files_name_the_key(tmp_path):
 
 def test_vgg_random_when_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
-    monkeypatch.setattr(networks, "VGG_URL", "http://127.0.0.1:9/vgg19.pth")  # refused at once
+    monkeypatch.setattr(extras.runs, "VGG_URL", "http://127.0.0.1:9/vgg19.pth")  # refused at once
     logged = []
-    vgg, source = networks.load_vgg(["relu1_2"], log=logged.append, widths=WIDTHS)
+    lookup = lambda: networks.load_vgg(["relu1_2"], extras.runs.vgg_weights(log=logged.append), widths=WIDTHS)
+    vgg, source = lookup()
     assert source == "random" and "random VGG features" in logged[-1] and logged[-1].count("\n") == 1
-    again, _ = networks.load_vgg(["relu1_2"], log=logged.append, widths=WIDTHS)
+    again, _ = lookup()
     torch.testing.assert_close(vgg.features[0].weight, again.features[0].weight)  # same random features each run
     # and a file in the hub cache is picked up without --vgg
-    cached = tmp_path / "hub" / "checkpoints" / networks.VGG_FILE
+    cached = tmp_path / "hub" / "checkpoints" / extras.runs.VGG_FILE
     assert not cached.parent.exists() or not list(cached.parent.iterdir())  # no partial download left
     cached.parent.mkdir(parents=True, exist_ok=True)
     torch.save(tv_state(), cached)
-    assert networks.load_vgg(["relu1_2"], widths=WIDTHS)[1] == str(cached)
+    assert lookup()[1] == str(cached)
 
 
 # torchvision's vgg19 state dict: features.N for the 16 convs (torchvision's vgg19 layout), per block
@@ -1090,7 +1091,9 @@ def traced_step(lam, fused=True, measure=False):
     G0, D0, vgg0, b, cfg = tiny_step_setup()
     G, D, vgg = RecordingG(G0), RecordingD(D0), RecordingVGG(vgg0)
     opt_G, opt_D = adam(G, D)
-    terms = facesynth.train_step(G, D, vgg, opt_G, opt_D, b, lam, measure, cfg, fused=fused)
+    terms = facesynth.train_step(G, D, vgg, opt_G, opt_D, b, lam, cfg, fused=fused)
+    if measure:  # as a log row does: every term, measured after the step without gradient
+        terms = {**facesynth.measure(G, D, vgg, b, cfg), **terms}
     e = {k: data.heatmaps(b[f"lm_{k[-1]}"], cfg["size"], cfg["sigma"], cfg["window"]) for k in ("e_s", "e_m", "e_t")}
     B = len(b["I_s"])
     known = [("I_s", j, b["I_s"][j]) for j in range(B)]  # (expression, sample, value)
@@ -1105,7 +1108,7 @@ def traced_step(lam, fused=True, measure=False):
             assert j == j2, "image and landmarks of one G pass must come from the same triplet"
             expr = f"G({sname},{cname})"
             known.append((expr, j, out[r].detach()))
-            passes.setdefault(expr, {})[j] = (out[r].detach(), grad[r])
+            passes.setdefault(expr, {}).setdefault(j, (out[r].detach(), grad[r]))  # the step's, not measure's
     return passes, D.calls, vgg.calls, b, e, terms
 
 
@@ -1194,7 +1197,7 @@ def test_D_update_moves_only_D_and_G_update_moves_only_G():
             events.append((_name, before, (_snap(G), _snap(D))))
             return out
         opt.step = spy
-    facesynth.train_step(G, D, vgg, opt_G, opt_D, b, losses.lambdas(), False, cfg)
+    facesynth.train_step(G, D, vgg, opt_G, opt_D, b, losses.lambdas(), cfg)
     assert [n for n, *_ in events] == ["D", "G"]  # D first (on the generated image), then G
     (_, (g_b, d_b), (g_a, d_a)), (_, (g_b2, d_b2), (g_a2, d_a2)) = events[0], events[1]
     assert _same(g_b, G0) and _same(g_a, G0), "D's update must not move G"
@@ -1209,8 +1212,8 @@ def test_step_ignores_stale_gradients():
     G2, D2 = copy.deepcopy(G), copy.deepcopy(D)
     for p in list(G2.parameters()) + list(D2.parameters()):
         p.grad = torch.full_like(p, 1e3)
-    facesynth.train_step(G, D, vgg, *adam(G, D), b, losses.lambdas(), False, cfg)
-    facesynth.train_step(G2, D2, vgg, *adam(G2, D2), b, losses.lambdas(), False, cfg)
+    facesynth.train_step(G, D, vgg, *adam(G, D), b, losses.lambdas(), cfg)
+    facesynth.train_step(G2, D2, vgg, *adam(G2, D2), b, losses.lambdas(), cfg)
     for m, m2 in ((G, G2), (D, D2)):
         for (k, p), p2 in zip(m.named_parameters(), m2.parameters()):
             torch.testing.assert_close(p, p2, rtol=0, atol=1e-7, msg=k)
@@ -1238,15 +1241,17 @@ def test_training_writes_outputs_and_lowers_pixel_loss(blobs, tmp_path):
     assert float(rows[-1]["L_pix"]) < 0.5 * float(rows[0]["L_pix"])
     assert sorted(os.listdir(os.path.join(out, "samples"))) == ["step_000001.png", "step_000020.png", "step_000040.png"]
     # Every grid shows the same held-out pairs: sources and targets are frames of the one test video (002),
-    # scaled 4x to 128-px cells under an 18-px row of labels; only the generated column changes.
+    # scaled 4x to 128-px cells under an 18-px row of labels; only the generated column changes, not the
+    # warp floor's beside it.
     grids = [os.path.join(out, "samples", f"step_0000{s}.png") for s in ("01", "40")]
     first, last = (np.asarray(Image.open(g)) for g in grids)
-    assert first.shape == (18 + 4 * 128, 4 * 128, 3)
-    assert (first[:18, :, 0] < 100).any(axis=0).reshape(4, 128).any(1).all()  # a label over every column
+    assert first.shape == (18 + 4 * 128, 5 * 128, 3)
+    assert (first[:18, :, 0] < 100).any(axis=0).reshape(5, 128).any(1).all()  # a label over every column
     test_frames = np.load(os.path.join(blobs, "002", "frames.npy"))
-    for col in (0, 3):  # source, target
+    for col in (0, 4):  # source, target
         tiles = first[18:, col * 128:(col + 1) * 128].reshape(4, 128, 128, 3)[:, ::4, ::4]
         assert all(any(np.array_equal(t, f) for f in test_frames) for t in tiles)
+    for col in (0, 3, 4):  # source, warp, target
         assert np.array_equal(first[:, col * 128:(col + 1) * 128], last[:, col * 128:(col + 1) * 128])
     assert not np.array_equal(first[18:, 256:384], last[18:, 256:384])
     cfg = json.load(open(os.path.join(out, "config.json")))
@@ -1347,7 +1352,7 @@ def test_disk_full_during_training_is_one_line_and_keeps_the_checkpoint(blobs, t
 
     def full_disk(path, mode="r", *a, **k):  # the temporary checkpoint's writes fail half-way
         f = real_open(path, mode, *a, **k)
-        if str(path).endswith(".tmp"):
+        if re.search(r"ckpt\.\d+\.tmp\.pt$", str(path)):  # data.writing's temporary name
             f.write(b"partial")
             f.write = lambda *_: (_ for _ in ()).throw(OSError(28, "No space left on device"))
         return f
@@ -1359,11 +1364,13 @@ def test_disk_full_during_training_is_one_line_and_keeps_the_checkpoint(blobs, t
     assert e.value.code == 2 and err == (f"error: {os.path.join(out, 'ckpt.pt')}: cannot write the checkpoint (No space "
                                          "left on device); the previous one is kept as it was\n")
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
-    assert not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
+    assert not os.path.exists(os.path.join(out, "ckpt.pt.tmp")) and not any(".tmp" in f for f in os.listdir(out))
 
 
 def interrupt_at(monkeypatch, *calls, sig=signal.SIGINT):
-    """Ctrl-C (a real SIGINT to this process, or `sig`) during the given calls of L_pix: inside a step."""
+    """Ctrl-C (a real SIGINT to this process, or `sig`) during the given calls of L_pix: inside a step.
+    A step calls it once, and a log row's measurement (facesynth.measure) once more: from step 1 on,
+    call 4 is step 3's."""
     n, real = [0], losses.L_pix
 
     def pix(fake, target):
@@ -1377,7 +1384,7 @@ def interrupt_at(monkeypatch, *calls, sig=signal.SIGINT):
 
 def test_ctrl_c_once_saves_after_the_step(blobs, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "int")
-    interrupt_at(monkeypatch, 3)
+    interrupt_at(monkeypatch, 4)  # in step 3
     with pytest.raises(SystemExit) as e:
         run_train("--data", blobs, "--out", out, "--steps", "10")
     assert e.value.code == 130 and torch.load(os.path.join(out, "ckpt.pt"))["step"] == 3
@@ -1484,7 +1491,7 @@ def test_sigterm_saves_after_the_step_like_ctrl_c(blobs, tmp_path):
 
 def test_sighup_saves_too(blobs, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "hup")
-    interrupt_at(monkeypatch, 3, sig=signal.SIGHUP)  # the terminal closed
+    interrupt_at(monkeypatch, 4, sig=signal.SIGHUP)  # the terminal closed, in step 3
     with pytest.raises(SystemExit) as e:
         run_train("--data", blobs, "--out", out, "--steps", "10")
     assert e.value.code == 128 + signal.SIGHUP and "SIGHUP: saving after this step" in capsys.readouterr().out
@@ -1644,8 +1651,11 @@ def test_compiled_step_makes_its_graphs_once_and_matches_eager(blobs, monkeypatc
         torch._dynamo.reset()
         counters.clear()
         runs[compiled], graphs = [], []
-        for i in range(5):  # log steps 1 and 3
-            runs[compiled].append(facesynth.train_step(*models, opt_G, opt_D, b, lam, i % 2 == 1, cfg))
+        for i in range(5):  # log steps 1 and 3, which also measure the ablated terms, as train's log rows
+            terms = facesynth.train_step(*models, opt_G, opt_D, b, lam, cfg)
+            if i % 2 == 1:
+                terms = {**facesynth.measure(*models, b, cfg), **terms}
+            runs[compiled].append(terms)
             graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1] > graphs[0] > 0 and graphs[2:] == [graphs[1]] * 3
     for eager, comp in zip(runs[False], runs[True]):
@@ -1671,7 +1681,7 @@ def test_vgg_in_channels_last_on_the_cpu_keeps_the_steps_maths(blobs):
         # no updates: D's comes before G's gradient (through L_adv), and Adam's first is ~lr * sign(g)
         opt_G.step = opt_D.step = lambda: None
         batch = {k: v.to(dtype) for k, v in b.items()}
-        facesynth.train_step(G, D, vgg, opt_G, opt_D, batch, losses.lambdas(), True, cfg)
+        facesynth.train_step(G, D, vgg, opt_G, opt_D, batch, losses.lambdas(), cfg)
         grads[layout] = torch.cat([p.grad.double().flatten() for p in G.parameters()])
     err = {k: ((grads[k] - grads["float64"]).norm() / grads["float64"].norm()).item() for k in grads}
     assert err["vgg channels_last"] < 1.2 * err["nchw"] and err["nchw"] < 1e-4
@@ -1912,7 +1922,8 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(blobs, tmp_pa
     same step and rank 0 save it: the worst case is the signal reaching rank 1 alone, whose leaving
     would otherwise strand rank 0 in the next step's all-reduce with no checkpoint written."""
     out = str(tmp_path / "run")
-    ranks = two_ranks("--data", blobs, "--out", out, *LONG, "--ckpt-every", "100000")
+    # the ranks agree at steps they all log or save: here every 20th, so within 20 steps of the signal
+    ranks = two_ranks("--data", blobs, "--out", out, *LONG, "--log-every", "20", "--ckpt-every", "100000")
     try:
         head = first_step(ranks[0])  # rank 0 logs; once it has finished a step, signal rank 1 alone
         ranks[1].send_signal(signal.SIGTERM)
@@ -2105,33 +2116,41 @@ def test_metrics_table_with_cis_and_judge_skipped(setup, monkeypatch, tmp_path):
     assert evaluate.metrics([str(runs[0])], n_pairs=2)["judge"] == "off (--judge N)"  # unless asked for
     m = evaluate.metrics([str(r) for r in runs], n_pairs=12, judge=12)
     assert m["split"] == "test2" and m["judge"].startswith("skipped")
+    by_third = {f"{k}_{t}" for k in ("L1", "PSNR", "SSIM") for t in ("small", "medium", "large")}
     for r in runs:
         summ = m["runs"][str(r)]["summary"]
-        assert set(summ) == {"L1", "PSNR", "SSIM", "flicker"} and len(m["runs"][str(r)]["pairs"]["L1"]) == 12
+        assert set(summ) == {"L1", "PSNR", "SSIM", "flicker"} | by_third and len(m["runs"][str(r)]["pairs"]["L1"]) == 12
         mean, lo, hi = summ["L1"]
         assert lo < mean < hi
         flick = m["runs"][str(r)]["pairs"]["flicker"]  # one ratio per test video, generated vs real
         assert len(flick) == len(data.load_videos(root, "test2")) and all(x > 0 for x in flick)
+    # the floor, on the same 12 pairs: copy never moves (no flicker), warp does
+    assert set(m["baselines"]) == {"copy", "warp"}
+    assert set(m["baselines"]["copy"]["summary"]) == {"L1", "PSNR", "SSIM"} | by_third
+    assert set(m["baselines"]["warp"]["summary"]) == {"L1", "PSNR", "SSIM", "flicker"} | by_third
     table = evaluate.save_metrics(m, str(tmp_path / "out"))
-    assert table.count("\n") == 3 and "full" in table and "nopix" in table and "[" in table
+    assert table.count("\n") == 5 and "full" in table and "nopix" in table and "[" in table
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == ["| copy", "| warp", "| full", "| nopix"]
     rows = list(csv.DictReader(open(tmp_path / "out" / "metrics.csv")))
-    assert len(rows) == 8 and {r["metric"] for r in rows} == {"L1", "PSNR", "SSIM", "flicker"}
+    assert len(rows) == 2 * 13 + 12 + 13 and {r["metric"] for r in rows} == {"L1", "PSNR", "SSIM", "flicker"} | by_third
+    # a third's row counts its own pairs, and the three thirds count all 12
+    assert sum(int(r["n"]) for r in rows if r["run"] == "full" and r["metric"].startswith("L1_")) == 12
 
 
 def test_figures(setup, tmp_path):
     root, runs = setup
     out = str(tmp_path / "fig")
     path = evaluate.heatmap_figure([str(r) for r in runs], out, n=3)
-    with Image.open(path) as im:
-        assert im.width == 7 * 128 and im.height > 3 * 128  # source, landmarks, 2 generated, target, 2 errors
-    assert len(os.listdir(os.path.join(out, "heatmaps"))) == 6
+    with Image.open(path) as im:  # source, landmarks, 2 generated, warp, target, 3 errors (the warp's too)
+        assert im.width == 9 * 128 and im.height > 3 * 128
+    assert len(os.listdir(os.path.join(out, "heatmaps"))) == 9
     test2 = json.load(open(root / "split.json"))["test2"]
     frames = np.concatenate([np.load(root / v / "frames.npy") for v in test2])
     for p in evaluate.grid_figures([str(runs[0])], out, n=2):
         grid = np.asarray(Image.open(p))
-        assert grid.shape == (18 + 2 * 128, 4 * 128, 3)  # source, target landmarks, generated, target
+        assert grid.shape == (18 + 2 * 128, 5 * 128, 3)  # source, target landmarks, generated, warp, target
         tile = lambda r, c: grid[18 + r * 128:18 + (r + 1) * 128:4, c * 128:(c + 1) * 128:4]  # back to 32 px
-        assert all(any(np.array_equal(tile(r, c), f) for f in frames) for r in (0, 1) for c in (0, 3))
+        assert all(any(np.array_equal(tile(r, c), f) for f in frames) for r in (0, 1) for c in (0, 4))
         grey = lambda t: (t == t[..., :1]).all()
         assert grey(tile(0, 1)) and not grey(tile(0, 2))  # the landmark picture is grey, G's drawing is not
     for p in evaluate.loss_figures([str(r) for r in runs], out):
@@ -2150,8 +2169,8 @@ def test_cli(setup, tmp_path, capsys):
     m = json.load(open(tmp_path / "m" / "metrics.json"))
     m["runs"] = {f"runs/a-long-run-name-{i}": {**r, "summary": {**r["summary"], **{f"x{k}": r["summary"]["L1"]
                  for k in range(20)}}} for i, r in enumerate(list(m["runs"].values()) * 3)}
-    text, rest = evaluate.short_table(m)
-    assert max(map(len, text.splitlines())) <= 100 and len(rest) > 10 and text.count("\n") == 7  # 6 runs
+    text, rest = extras.cli.short_table(evaluate.rows(m), evaluate.FIRST, evaluate.WIDTH)
+    assert max(map(len, text.splitlines())) <= 100 and len(rest) > 10 and text.count("\n") == 9  # copy, warp, 6 runs
     for cmd in ("heatmaps", "grid", "losses"):
         evaluate.main([cmd, "--runs", str(runs[0]), "--out", str(tmp_path / cmd)])
         assert "wrote" in capsys.readouterr().out

@@ -8,11 +8,11 @@ import os
 import numpy as np
 
 import data
-import networks
 from data import DataError
 from evaluate import N_EVAL, SEED, fmt, heatmap_figure, loss_figures, mean_ci, metrics, save_metrics, table
-from extras import synthetic
+from extras import synthetic, yardsticks
 from extras.cli import number
+from extras.runs import SCHEDULE, SESSION, holds_run, resumed
 from losses import TERMS
 
 N_PERM = 10000  # sign flips in the paired permutation test
@@ -39,26 +39,34 @@ def write_report(groups, out_dir, split=None, data_root=None, n_pairs=N_EVAL, se
                         "pass data_root= to compare them")
     figures = [*loss_figures(run_dirs, out_dir), heatmap_figure([rs[0] for rs in groups.values()], out_dir,
                                                                 split, data_root, seed=seed, device=device)]
-    keys = list(dict.fromkeys(k for r in runs.values() for k in r["summary"]))
+    # every metric over all pairs, and L1/PSNR/SSIM over the third of the pairs that move most
+    keys = list(dict.fromkeys(k for r in runs.values() for k in r["summary"]
+                              if k in r["pairs"] or k.endswith("_large")))
+    large = yardsticks.thirds(np.array(list(m["motion"].values())[0]["pairs"]))[1]["large"]
+    per_pair = lambda r, k: (np.asarray(runs[r]["pairs"][k[:-6]])[large] if k.endswith("_large")
+                             else np.asarray(runs[r]["pairs"][k]))
     # A group's score: the mean over its seeds of each run's mean over pairs; its interval a t-interval
     # over seeds (the training randomness) with >= 2 seeds, else over the pairs of its one run.
     cell = lambda rs, k: fmt(mean_ci([runs[r]["summary"][k][0] for r in rs]) if len(rs) > 1
                              else runs[rs[0]]["summary"][k])
+    floor = [[name, "-"] + [fmt(b["summary"][k]) if k in b["summary"] else "-" for k in keys]
+             for name, b in m["baselines"].items()]
     text = [f"# Ablation report\n\nSplit `{m['split']}`, {n_pairs} source/target pairs (seed {seed}), the "
             f"same for every run; judge: {m['judge']}. L1: mean |generated - target|, 0-255 (lower is "
-            "better); PSNR: dB; SSIM: 11x11 Gaussian. Synthetic set: x_ = identity A driven by B's "
-            "pose/expression vs its rendered "
-            "truth, xabs_ = conditioned on B's own landmarks instead (the paper's use), leak_ = share of B's "
-            "glasses/beard pixels copied onto A (lower is better; see extras/synthetic.py: leak_score).\n",
+            "better); PSNR: dB; SSIM: 11x11 Gaussian; _large: over the third of the pairs that move most. "
+            "`copy` and `warp` are the floor, no training (extras/yardsticks.py). Synthetic set: x_ = identity "
+            "A driven by B's pose/expression vs its rendered truth, xabs_ = conditioned on B's own landmarks "
+            "instead (the paper's use), leak_ = share of B's glasses/beard pixels copied onto A (lower is "
+            "better; see extras/synthetic.py: leak_score).\n",
             "## Groups: mean over seeds [95 % t-interval over seeds; over pairs for a single seed]\n",
-            table(["group", "seeds"] + keys, [[g, str(len(rs))] + [cell(rs, k) for k in keys]
-                                              for g, rs in groups.items()])]
+            table(["group", "seeds"] + keys, floor + [[g, str(len(rs))] + [cell(rs, k) for k in keys]
+                                                      for g, rs in groups.items()])]
     if "full" in groups and len(groups) > 1:
         # Paired over the shared pairs: d_i = ablation - full on pair i, each side averaged over its
         # seeds; a two-sided sign-flip permutation test; Bonferroni over every cell of the table. It asks
         # "do these (seed-averaged) models differ on this data?"; the spread over seeds is the group table's.
         tests = len(keys) * (len(groups) - 1)
-        avg = lambda rs, k: np.mean([runs[r]["pairs"][k] for r in rs], axis=0)
+        avg = lambda rs, k: np.mean([per_pair(r, k) for r in rs], axis=0)
         others = [g for g in groups if g != "full"]
         diff = {(g, k): avg(groups[g], k) - avg(groups["full"], k) for g in others for k in keys}
         p = {gk: sign_flip_p(d) for gk, d in diff.items()}
@@ -75,11 +83,10 @@ def write_report(groups, out_dir, split=None, data_root=None, n_pairs=N_EVAL, se
     return os.path.join(out_dir, "REPORT.md")
 
 
-def study(args, train, resumed, may_change):
+def study(args, train):
     """`facesynth.py ablation`: train every ablation over --seeds seeds into OUT/NAME/seedK (finished
-    runs are skipped, a cut one resumes), then evaluate them all and write OUT/REPORT.md. train and
-    resumed are facesynth's (a run's loop; --resume's check of a run's options); may_change: the
-    options a resumed run may differ in (its schedule and this session's settings)."""
+    runs are skipped, a cut one resumes), then evaluate them all and write OUT/REPORT.md. train:
+    facesynth's (a run's loop, train(options, the options typed))."""
     root, n_seeds, single = args.pop("out"), args.pop("seeds"), args.pop("single")
     runs = {name: {"ablate": groups} for name, groups in GROUP_RUNS.items()}
     if single:
@@ -88,13 +95,14 @@ def study(args, train, resumed, may_change):
         args["data"] = synthetic.ensure_synthetic(synthetic.SYNTH_CACHE)
     total = args["steps"] or args["epochs"] * data.steps_per_epoch(args)
     dirs = {name: [os.path.join(root, name, f"seed{seed}") for seed in range(n_seeds)] for name in runs}
-    given = set(args) - may_change - {"split", "resume"}  # every option must be the runs' own
+    given = set(args) - SESSION - SCHEDULE - {"split", "resume"}  # every option must be the runs' own
     steps = {}
     for name, change in runs.items():  # all checked before any training: one REPORT, one set of options
         for seed, out in enumerate(dirs[name]):
-            if networks.holds_run(out):  # as --resume checks it, with every option typed
+            if holds_run(out):  # as --resume checks it, with every option typed
                 mine = {**args, **change, "seed": seed, "out": out, "resume": out}
-                steps[out] = resumed({**mine, "_given": given | set(change) | {"seed"}})[2]["step"]
+                _, _, ckpt = resumed(mine, given | set(change) | {"seed"})
+                steps[out] = ckpt["step"]
     for i, (name, change) in enumerate(runs.items()):
         for seed, out in enumerate(dirs[name]):
             done = steps.get(out, 0)
@@ -103,9 +111,7 @@ def study(args, train, resumed, may_change):
             if done >= total:
                 continue
             run = {**args, **change, "seed": seed, "out": out, "steps": total}
-            if done:
-                run = {**run, "resume": out, "_given": {"steps"}}
-            train(run)
+            train({**run, "resume": out} if done else run, {"steps"} if done else set())
     report = write_report(dirs, root, split=args.get("split"), data_root=args["data"])
     print(f"ablation: {len(runs)} runs x {n_seeds} seeds in {root}/; report {report}")
     return report

@@ -1,12 +1,11 @@
 """The command line's plumbing, shared by facesynth.py, evaluate.py and the extras: every expected
 failure as one `error:` line (fail, one_line_errors), argparse that shows defaults and suggests the
 nearest option for a typo (ArgParser), checked numbers (number), and output locations checked before
-any computing (writable), evaluate's default run (latest_run) and the terminal's tables (columns). The
+any computing (writable), evaluate's default run (latest_run) and its terminal table (short_table). The
 paper's code had none of it: a bad option was a traceback hours in.
 """
 import argparse
 import contextlib
-import copy
 import difflib
 import glob
 import math
@@ -110,12 +109,10 @@ def number(kind=int, low=1, above=False, high=None):
 
 
 def given_options(parser, argv):
-    """Which options the user typed (resume may only change some of them)."""
-    shadow = argparse.ArgumentParser(add_help=False)
-    for a in parser._actions:
-        if a.option_strings and a.dest != "help":
-            shadow._add_action(copy.copy(a)).default = argparse.SUPPRESS
-    return set(vars(shadow.parse_known_args(argv)[0]))
+    """Which options the user typed in `argv` (resume may only change some of them): argv parsed once more
+    into a namespace whose every option is already None, which argparse then leaves alone unless typed."""
+    typed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(parser.parse_args(argv)))))
+    return {k for k, v in vars(typed).items() if v is not None}
 
 
 def latest_run(root="runs"):
@@ -142,3 +139,24 @@ def columns(cols, width):
     line = lambda i: "  ".join(c[i].ljust(w[j]) if j == 0 else c[i].rjust(w[j]) for j, c in enumerate(shown))
     rows = [line(i).rstrip() for i in range(len(shown[0]))]
     return "\n".join(rows[:1] + ["-" * len(rows[0])] + rows[1:]), len(shown)
+
+
+def cell(s):
+    """[mean, low, high] as mean±half the interval, both to the half's first significant digit: 14.9±0.5,
+    0.674±0.009; a mean alone where there is no interval."""
+    h = (s[2] - s[1]) / 2
+    if not math.isfinite(h) or h <= 0:
+        return f"{s[0]:.3g}"
+    d = max(0, -math.floor(math.log10(h)))
+    return f"{s[0]:.{d}f}±{h:.{d}f}"
+
+
+def short_table(models, first, width):
+    """evaluate's terminal table: a row per (name, {"summary": {metric: [mean, low, high]}}), a column per
+    metric, `first`'s metrics first, the others while they fit in `width`. Returns (the text, the
+    metrics left out)."""
+    keys = list(dict.fromkeys(k for _, r in models for k in r["summary"]))
+    keys = sorted(keys, key=lambda k: first.index(k) if k in first else len(first))
+    cols = [[k] + [cell(r["summary"][k]) if k in r["summary"] else "-" for _, r in models] for k in keys]
+    text, shown = columns([["run"] + [n[-24:] for n, _ in models]] + cols, width)
+    return text, keys[shown - 1:]

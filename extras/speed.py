@@ -117,13 +117,12 @@ def fast_vs_plain(step, models, args, device, b, lam, hm, amp):
     of their sum L_G ("G"), the relative norm of the difference, ||g_fast - g_plain|| / ||g_plain||.
     step: the training step; models(args, device): fresh G, D, VGG and optimisers from one seed."""
     def grad(fast, only):
-        G, D, vgg, (opt_G, opt_D) = models(args, device)
-        opt_G.step = lambda *a, **k: None  # keep the weights: we compare gradients, not updates
-        # measure=True runs every pass and term whichever weights are on: the full step's graph, of
-        # which only the terms in `only` reach G's gradient
+        G, D, vgg, _ = models(args, device)
+        # learning rates of 0: the step computes and keeps every gradient, and moves no weight
+        opt_G, opt_D = (torch.optim.Adam(m.parameters(), lr=0.0) for m in (G, D))
         with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=fast):
-            terms = step(G, D, vgg, opt_G, opt_D, b, {t: lam[t] if t in only else 0.0 for t in lam}, True,
-                               hm, fused=fast, amp=fast and amp)
+            terms = step(G, D, vgg, opt_G, opt_D, b, {t: lam[t] if t in only else 0.0 for t in lam}, hm,
+                         fused=fast, amp=fast and amp)
         grad = torch.cat([p.grad.flatten().float() for p in G.parameters()])
         return {k: v.item() for k, v in terms.items()}, grad
 
@@ -211,13 +210,13 @@ def bench(args, step, models, cache, schedule):
     G_run, D_run, vgg_run = compile_models((G, D, vgg), args["compile"]) if args["compile"] else (G, D, vgg)
     lam = lambdas()
     hm = {"size": S, "sigma": data.SIGMA, "window": data.WINDOW}
-    one = lambda: step(G_run, D_run, vgg_run, opt_G, opt_D, b, lam, False, hm, amp=amp)
+    one = lambda: step(G_run, D_run, vgg_run, opt_G, opt_D, b, lam, hm, amp=amp)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"bench: {device}, batch {B} ({batch_kind}), {S} px, "
           f"G {networks.count_params(G) / 1e6:.1f}M params, "
           f"{args['steps']} timed steps" + (f", torch.compile {args['compile']}" if args["compile"] else ""))
     with FlopCounterMode(display=False) as counter:  # the eager step: the maths, not what a compiler fused
-        step(G, D, vgg, opt_G, opt_D, b, lam, False, hm, amp=amp)
+        step(G, D, vgg, opt_G, opt_D, b, lam, hm, amp=amp)
     gflop = counter.get_total_flops() / 1e9 / B
     mem = warm_up(one, args["warmup"], device, sync)
     sticks = yardsticks(device)

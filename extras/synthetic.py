@@ -13,15 +13,14 @@ expression, for cross-identity scores and reenact's reference.
 import json
 import math
 import os
-import shutil
 import time
 
 import imageio
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data import (CROP_SCALE, MIRROR, N_LANDMARKS, DataError, WriteError, crop_face, pool_map, progress,
-                  read_prepared, save_prepared, why_not, write_json)
+from data import (CROP_SCALE, MIRROR, N_LANDMARKS, DataError, crop_face, pool_map, progress,
+                  read_prepared, save_prepared, write_json, writing)
 from extras.cli import number
 
 SYNTH_VIDEOS = (50, 31, 19, 14)  # train/test1/test2/test3, the sizes of 300VW's split
@@ -265,14 +264,11 @@ def write_pts(path, pts0):
 
 
 def _synth_video(job):
-    """Render one video in 300VW layout into .NNN.tmp and rename it when complete, so a re-run skips
+    """Render one video in 300VW layout into OUT/NNN, whole or not at all (writing), so a re-run skips
     finished ones (and prepare, which ignores dot-folders, never sees a half-written one)."""
     out, index, n_frames, size, seed = job
-    name = f"{index + 1:03d}"
     identity, motion, params = _synth_plan(seed, index, n_frames)
-    tmp = os.path.join(out, f".{name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with writing(os.path.join(out, f"{index + 1:03d}"), folder=True) as tmp:
         os.makedirs(os.path.join(tmp, "annot"))
         with imageio.get_writer(os.path.join(tmp, "vid.avi"), fps=SYNTH_FPS, codec="libx264", quality=9,
                                 macro_block_size=1, ffmpeg_log_level="error") as video:
@@ -282,10 +278,6 @@ def _synth_video(job):
                 write_pts(os.path.join(tmp, "annot", f"{t + 1:06d}.pts"), landmarks)
         with open(os.path.join(tmp, "params.json"), "w") as f:
             json.dump(params, f)
-        os.rename(tmp, os.path.join(out, name))
-    except OSError as e:  # a full disk: no half video left behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise WriteError(f"{e.filename or os.path.join(out, name)}: cannot write ({why_not(e)})") from None
     return n_frames
 
 
@@ -374,14 +366,19 @@ def cross_targets(root, split, videos, n, seed=0, label=None):
         t0 = time.time()
         prep = read_prepared(root)
         rng = np.random.default_rng([seed, 1])  # a stream of its own: the same-video pairs stay put
-        t = {"pairs": [], "src": [], "img": [], "lm": [], "drv_lm": [], "leak": {k: [] for k in LEAK_ATTRS}}
+        t = {"pairs": [], "src": [], "src_lm": [], "img": [], "lm": [], "drv_lm": [],
+             "leak": {k: [] for k in LEAK_ATTRS}}
         for i in range(n):
             a, b = (int(v) for v in rng.choice(len(videos), size=2, replace=False))
             s, j = (int(rng.integers(len(videos[v]["landmarks"]))) for v in (a, b))
             (A, B), fb = (videos[v]["params"]["identity"] for v in (a, b)), videos[b]["params"]["frames"][j]
-            for key, val in zip(t, ((a, s, b, j), videos[a]["frames"][s], *render_crop(A, fb, prep),
-                                   videos[b]["landmarks"][j])):
-                t[key].append(val)
+            truth, truth_lm = render_crop(A, fb, prep)
+            t["pairs"].append((a, s, b, j))
+            t["src"].append(videos[a]["frames"][s])
+            t["src_lm"].append(videos[a]["landmarks"][s])
+            t["img"].append(truth)
+            t["lm"].append(truth_lm)
+            t["drv_lm"].append(videos[b]["landmarks"][j])
             for k in LEAK_ATTRS:
                 if B.get(k) and not A.get(k):
                     t["leak"][k].append((i, render_crop({**A, k: B[k]}, fb, prep)[0]))
@@ -402,15 +399,15 @@ def leak_score(gen, bare, worn):
     return float((d(gen, worn) < d(gen, bare))[mask].mean()) if mask.any() else math.nan
 
 
-def cross_scores(root, split, videos, n, seed, generate, scores, tag):
-    """metrics' cross-identity scores per pair, on cross_targets' n pairs: x_ = G drawing A with the
-    truth's landmarks (B's pose and expression on A's face shape), xabs_ = the paper's setting, B's own
+def cross_scores(root, split, videos, n, seed, draw, scores, tag):
+    """metrics' cross-identity scores per pair, on cross_targets' n pairs: x_ = A drawn with the truth's
+    landmarks (B's pose and expression on A's face shape), xabs_ = the paper's setting, B's own
     landmarks (B's face shape), both against the same rendered truth; leak_ATTR = leak_score of the x_
-    images, for each attribute some B wears and A lacks. generate(sources, landmarks, label) -> G's
-    images; scores(images, truth, prefix) -> {prefix + metric: per pair} (evaluate's)."""
+    images, for each attribute some B wears and A lacks. draw(sources, their landmarks, landmarks, label)
+    -> the images (G's, or a baseline's); scores(images, truth, prefix) -> {prefix + metric: per pair}."""
     t = cross_targets(root, split, videos, n, seed, f"{tag} rendering truth:")
-    x_gen = generate(t["src"], t["lm"], f"{tag} cross-identity pairs:")
-    xabs = generate(t["src"], t["drv_lm"], f"{tag} cross, driver's landmarks:")
+    x_gen = draw(t["src"], t["src_lm"], t["lm"], f"{tag} cross-identity pairs:")
+    xabs = draw(t["src"], t["src_lm"], t["drv_lm"], f"{tag} cross, driver's landmarks:")
     leak = {"leak_" + k: [leak_score(x_gen[j], t["img"][j], worn) for j, worn in items]
             for k, items in t["leak"].items() if items}
     return {**scores(x_gen, t["img"], "x_"), **scores(xabs, t["img"], "xabs_"), **leak}
