@@ -23,7 +23,6 @@ from concurrent.futures import ProcessPoolExecutor
 import imageio
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 N_LANDMARKS = 68
@@ -53,9 +52,6 @@ CROP_SCALE = 1.8
 # 1 px at the working size, peak exactly 1 at the landmark; both are options.
 SIGMA, WINDOW = 1.0, 7
 MIN_FRAMES = 3  # a training triplet is three distinct frames of one video
-# --augment (beyond the paper): each triplet scaled by up to +-10 %, turned by up to +-15 degrees and
-# shifted by up to +-5 % of the crop, all three frames alike, so that poses a video never shows are seen
-AUGMENT = {"scale": 0.1, "turn": 15.0, "shift": 0.05}
 # Plain videos without a --split-file are held out as test1: HELD_OUT of them, the last by name (at least
 # 1 of 2+), or (hold-out "tail", the default for a single video) each video's last HELD_OUT of frames,
 # prepared as a video of its own, NAME-tail, so that no triplet or pair mixes the two parts.
@@ -259,10 +255,13 @@ def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None
     """Raw folder SRC of 300VW-layout videos (NNN/vid.avi + NNN/annot/*.pts) -> prepared dataset OUT (see
     the module docstring). Re-runnable: finished videos are kept, bad videos are skipped with one warning
     line each. Footage without .pts files comes from the caller (facesynth.py passes SRC's plain videos,
-    extras/landmarks.py: plain_videos): `videos` {name: its file in SRC}, `landmarks` a
+    extras/landmarks.py: plain_videos, usable_landmarks): `videos` {name: its file in SRC}, `landmarks` a
     picklable f(video) -> (landmarks (T,68,2), usable (T,) bool, warnings), `skipped` {SRC entry: why}.
     hold_out: how plain videos are held out without a split file, "name" or "tail" (None: "tail" for a
     SRC of one video, else "name"; see HELD_OUT)."""
+    if split_file and hold_out:
+        raise DataError(f"--hold-out {hold_out} --split-file {split_file}: the split file says what is held "
+                        "out; give one of them")
     if not os.path.isdir(src):
         raise DataError(f"{src}: no such folder")
     videos, skipped = videos or {}, dict(skipped or {})
@@ -272,9 +271,6 @@ def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None
         raise DataError(f"{src}: no video folders (NNN/vid.avi and NNN/annot/*.pts) and no video files "
                         f"({' '.join(VIDEO_EXTS)})")
     names = sorted(entry)
-    if split_file and hold_out:
-        raise DataError(f"--hold-out {hold_out} --split-file {split_file}: the split file says what is held "
-                        "out; give one of them")
     tail = bool(videos) and not split_file and (hold_out or ("tail" if len(names) == 1 else "name")) == "tail"
     meta = {"size": size, "crop_scale": crop_scale, "source": os.path.abspath(src),
             "synthetic": any(os.path.isfile(os.path.join(src, d, "params.json")) for d in names),
@@ -430,19 +426,10 @@ def sample_triplets(videos, n, seed, epoch, max_gap=None):
     return out
 
 
-def sample_moves(n, seed, epoch):
-    """--augment's n moves (scale, turn in radians, shift x and y in crop sides) as a float array, a pure
-    function of (seed, epoch) as the triplets are: uniform within AUGMENT (the scale in log)."""
-    rng, top = np.random.default_rng([seed, epoch, 1]), np.log1p(AUGMENT["scale"])
-    return np.stack([np.exp(rng.uniform(-top, top, n)), np.radians(rng.uniform(-1, 1, n) * AUGMENT["turn"]),
-                     *rng.uniform(-AUGMENT["shift"], AUGMENT["shift"], (2, n))], 1)
-
-
-def load_batch(videos, triplets, moves=None):
+def load_batch(videos, triplets):
     """A batch gathered from the memory maps: uint8 images (B,S,S,3) of source and target, the landmarks
     (B,68,2) of source, middle and target (the middle image itself is never needed). A triplet marked
-    for a horizontal flip has all three frames flipped alike, its landmarks mirrored; with `moves`
-    (sample_moves) each triplet is then moved alike (move_triplets)."""
+    for a horizontal flip has all three frames flipped alike, its landmarks mirrored."""
     get = lambda key, k: np.stack([videos[v][key][t] for v, t in zip(triplets[:, 0], triplets[:, k])])
     images = {"I_s": get("frames", 1), "I_t": get("frames", 3)}
     marks = {"lm_s": get("landmarks", 1), "lm_m": get("landmarks", 2), "lm_t": get("landmarks", 3)}
@@ -451,26 +438,7 @@ def load_batch(videos, triplets, moves=None):
         x[flip] = x[flip, :, ::-1]
     for x in marks.values():
         x[flip] = mirror_landmarks(x[flip], images["I_s"].shape[2])
-    b = {k: torch.from_numpy(x) for k, x in {**images, **marks}.items()}
-    return b if moves is None else move_triplets(b, torch.as_tensor(moves, dtype=torch.float32))
-
-
-def move_triplets(b, moves):
-    """Each triplet's frames and landmarks moved alike by a similarity about the crop's centre c: a point
-    p goes to s R(a) (p - c) + c + d, for moves (B,4) of (s, a, d as crop sides). Each image pixel p'
-    reads its source at R(a)^T (p' - c - d) / s + c, bicubic; outside the crop, the edge repeats (THE
-    crop's rule)."""
-    S, (s, a), d = b["I_s"].shape[1], moves[:, :2].T, moves[:, 2:] * b["I_s"].shape[1]
-    R = torch.stack([torch.stack([a.cos(), -a.sin()], -1), torch.stack([a.sin(), a.cos()], -1)], -2)
-    c = (S - 1) / 2
-    for k in ("lm_s", "lm_m", "lm_t"):
-        b[k] = s[:, None, None] * (b[k] - c) @ R.transpose(1, 2) + c + d[:, None]
-    inv = R.transpose(1, 2) / s[:, None, None]  # in grid_sample's units: 0 at the centre, 2/S a pixel
-    grid = F.affine_grid(torch.cat([inv, -inv @ (d * 2 / S)[..., None]], 2), [len(s), 3, S, S], False)
-    for k in ("I_s", "I_t"):
-        moved = F.grid_sample(b[k].permute(0, 3, 1, 2).float(), grid, "bicubic", "border", False)
-        b[k] = moved.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-    return b
+    return {k: torch.from_numpy(x) for k, x in {**images, **marks}.items()}
 
 
 def batches(videos, args, start, total, rank=0, world=1, device=torch.device("cpu")):
@@ -483,13 +451,10 @@ def batches(videos, args, start, total, rank=0, world=1, device=torch.device("cp
             cache = {}
             for step in range(start, total):
                 epoch, i = divmod(step, per_epoch)
-                if epoch not in cache:  # one epoch's triplets (and moves): a pure function of (seed, epoch)
-                    n = per_epoch * B * world
-                    cache = {epoch: (sample_triplets(videos, n, args["seed"], epoch, args["max_gap"]),
-                                     sample_moves(n, args["seed"], epoch) if args.get("augment") else None)}
-                mine = slice((i * world + rank) * B, (i * world + rank + 1) * B)
-                triplets, moves = cache[epoch]
-                b = load_batch(videos, triplets[mine], None if moves is None else moves[mine])
+                if epoch not in cache:  # one epoch's triplets: a pure function of (seed, epoch)
+                    cache = {epoch: sample_triplets(videos, per_epoch * B * world, args["seed"], epoch,
+                                                    args["max_gap"])}
+                b = load_batch(videos, cache[epoch][(i * world + rank) * B:(i * world + rank + 1) * B])
                 if device.type == "cuda":
                     b = {k: v.pin_memory() for k, v in b.items()}
                 q.put((step, b))

@@ -3,11 +3,11 @@
     python evaluate.py grid                            # Fig. 1: source, target landmarks, generated, target
     python evaluate.py losses   --runs runs/A runs/B   # Fig. 3 loss-term bars, Fig. 4 loss curves
     python evaluate.py heatmaps --runs runs/A runs/B   # Appendix B: error heatmaps of generated images
-    python evaluate.py metrics  --runs runs/A runs/B   # L1 / PSNR / SSIM (+ cross-identity) with 95 % CIs
+    python evaluate.py metrics  --runs runs/A runs/B   # L1 / PSNR / SSIM ... with 95 % CIs, beside the floor
 
 Without --runs, a command takes the run under runs/ that was trained last. Outputs go to eval/ (--out).
-The faces are held-out pairs that depend only on the dataset, split, --n and --seed, so every run is
-scored on the same pairs and runs compare pair by pair.
+The faces are held-out pairs that depend only on the dataset, split, --n and --seed, so every run, and
+the floor that needs no training (copy, warp: extras/yardsticks.py), is scored on the same pairs.
 """
 import csv
 import json
@@ -166,14 +166,6 @@ def landmark_picture(lm, cfg):
 
 
 # ----------------------------------------------------------------------------- runs, pairs, generation
-def labels(run_dirs):
-    """Short unique run names: the paths below their common folder (runs/abl/full/s0 -> full-s0)."""
-    paths = [os.path.abspath(r) for r in run_dirs]
-    base = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
-    return [os.path.relpath(p, base).replace(os.sep, "-") if p != base else os.path.basename(p)
-            for p in paths]
-
-
 def videos_of(root, split=None):
     """(split, videos) of a prepared root, cached as several runs share a dataset. The default split
     is the first test split that has videos (a small synthetic set may leave some empty)."""
@@ -277,7 +269,7 @@ def metrics(run_dirs, split=None, data_root=None, n_pairs=N_EVAL, seed=SEED, dev
     for root in roots.values():  # every checkpoint and dataset read first: a mistyped last run fails at once
         videos_of(root, split)
     datasets = list(dict.fromkeys(roots.values()))
-    names = dict(zip(datasets, labels(datasets))) if len(datasets) > 1 else {datasets[0]: ""}
+    names = dict(zip(datasets, cli.labels(datasets))) if len(datasets) > 1 else {datasets[0]: ""}
     jobs = [(f"{b} ({names[root]})" if names[root] else b, b, root) for root in datasets
             for b in yardsticks.BASELINES] + [(r, None, roots[r]) for r in run_dirs]
     out, t0 = {"n_pairs": n_pairs, "seed": seed, "runs": {}, "baselines": {}, "motion": {}}, time.time()
@@ -288,12 +280,11 @@ def metrics(run_dirs, split=None, data_root=None, n_pairs=N_EVAL, seed=SEED, dev
         out["split"], videos = videos_of(root, split)
         src, src_lm, tgt, tgt_lm = gather(videos, n_pairs, seed)
         gen = draw(src, src_lm, tgt_lm, f"{tag} same-video pairs:")
-        pairs = scores(gen, tgt)
         # beyond the paper (extras/yardsticks.py): the judge, and the synthetic set's cross-identity truth
-        more, out["judge"], moved = yardsticks.beyond(draw, root, out["split"], videos,
-                                                      (src, src_lm, gen, tgt_lm), n_pairs, seed, judge, tag,
-                                                      scores)
-        pairs.update(more)
+        pairs = (src, src_lm, gen, tgt_lm)
+        more, out["judge"], moved = yardsticks.beyond(draw, root, out["split"], videos, pairs, n_pairs, seed,
+                                                      judge, tag, scores)
+        pairs = {**scores(gen, tgt), **more}
         if baseline != "copy":  # a copy never moves: no flicker to measure
             pairs["flicker"], t1 = [], time.time()
             for k, v in enumerate(videos[:FLICKER_VIDEOS]):
@@ -306,8 +297,8 @@ def metrics(run_dirs, split=None, data_root=None, n_pairs=N_EVAL, seed=SEED, dev
             "data": root, "split": out["split"], "summary": summary, "n": count,
             "pairs": {k: [float(x) for x in v if np.isfinite(x)] for k, v in pairs.items()}}
         left = (time.time() - t0) / (i + 1) * (len(jobs) - i - 1)
-        print(f"{tag} {name} scored, {data.clock(time.time() - t0)} so far" +
-              (f"; ETA {data.clock(left)} for the other {len(jobs) - i - 1}" if left else ""), flush=True)
+        print(f"{tag} {name} scored, {data.clock(time.time() - t0)} so far"
+              + (f"; ETA {data.clock(left)} for the other {len(jobs) - i - 1}" if left else ""), flush=True)
     return out
 
 
@@ -321,19 +312,8 @@ def generated_pairs(run_dirs, split, data_root, n, seed, device):
     if len(roots) > 1:  # a figure's rows are shared, so the runs must be
         raise DataError(f"runs use different datasets ({', '.join(sorted(roots))}); pick one with --data")
     src, src_lm, tgt, tgt_lm = gather(videos_of(roots.pop(), split)[1], n, seed)
-    gens = [networks.generate(G, cfg, src, tgt_lm) for G, cfg in runs]
+    gens = [networks.generate(G, cfg, src, tgt_lm, src_lm) for G, cfg in runs]
     return src, landmark_picture(tgt_lm, runs[0][1]), tgt, gens, yardsticks.warp(src, src_lm, tgt_lm)
-
-
-@torch.no_grad()
-def sample_grid(G, pairs, args, path, step):
-    """samples/step_NNNNNN.png: train's fixed pairs (sample_pairs) as COLUMNS, G's drawing at this step
-    beside the warp floor's."""
-    hm = args["size"], args["sigma"], args["window"]
-    fake = data.to_uint8(G(pairs["I_s"], data.heatmaps(pairs["lm_t"], *hm)))
-    head = [f"source ({pairs['split']})", COLUMNS[1], f"generated, step {step}", "warp", COLUMNS[3]]
-    return write_png(path, tile_figure([pairs["src"], landmark_picture(pairs["lm_t"].cpu(), {"args": args}),
-                                        fake, pairs["warp"], pairs["tgt"]], head))
 
 
 def heatmap_figure(run_dirs, out, split=None, data_root=None, n=N_FIGURE, seed=SEED, device="cpu",
@@ -341,7 +321,7 @@ def heatmap_figure(run_dirs, out, split=None, data_root=None, n=N_FIGURE, seed=S
     """Appendix B, a row per pair: COLUMNS with each run's generated image and the warp floor's, then
     each one's error heatmap; also each heatmap alone in out/heatmaps/."""
     src, lm, tgt, gens, floor = generated_pairs(run_dirs, split, data_root, n, seed, device)
-    names = [*labels(run_dirs), "warp"]
+    names = [*cli.labels(run_dirs), "warp"]
     heats = [error_heatmap(g, tgt, vmin, vmax) for g in [*gens, floor]]
     for name, h in zip(names, heats):
         for i, img in enumerate(h):
@@ -355,7 +335,7 @@ def heatmap_figure(run_dirs, out, split=None, data_root=None, n=N_FIGURE, seed=S
 def grid_figures(run_dirs, out, split=None, data_root=None, n=N_FIGURE, seed=SEED, device="cpu"):
     """Fig. 1, a PNG per run: COLUMNS, with the warp floor beside the generated column."""
     paths = []
-    for run_dir, name in zip(run_dirs, labels(run_dirs)):
+    for run_dir, name in zip(run_dirs, cli.labels(run_dirs)):
         src, lm, tgt, (gen,), floor = generated_pairs([run_dir], split, data_root, n, seed, device)
         figure = tile_figure([src, lm, gen, floor, tgt], [*COLUMNS[:3], "warp", COLUMNS[3]])
         paths.append(write_png(os.path.join(out, f"grid_{name}.png"), figure))
@@ -384,7 +364,7 @@ def loss_figures(run_dirs, out):
     """Fig. 3: each term's weighted magnitude at the end of training (mean of the log's last TAIL), a
     panel per run on one scale. Fig. 4: L_G and the weighted terms over training, moving-average
     smoothed, log scale, one scale. Returns the two PNG paths."""
-    logs, names = [read_log(r) for r in run_dirs], labels(run_dirs)
+    logs, names = [read_log(r) for r in run_dirs], cli.labels(run_dirs)
     ends = [[float(np.nanmean(c[t][-max(1, int(len(s) * TAIL)):])) if t in c else 0.0 for t in TERMS]
             for s, c in logs]
     im, d, boxes = panels(len(logs))
@@ -401,7 +381,10 @@ def loss_figures(run_dirs, out):
     k = lambda y: max(1, len(y) // 20)  # smoothing window: a twentieth of the log
     smooth = lambda y: np.convolve(np.nan_to_num(y), np.ones(k(y)) / k(y), "valid")
     colour = lambda t: COLORS[TERMS.index(t)] if t in TERMS else "black"
-    pos = np.concatenate([smooth(y)[smooth(y) > 0] for _, c in logs for y in c.values()] + [np.ones(1)])
+    positive = [np.ones(1)]  # the log axis spans every curve's positive values (1 for an empty log)
+    for _, curves in logs:
+        positive += [smooth(y)[smooth(y) > 0] for y in curves.values()]
+    pos = np.concatenate(positive)
     im, d, boxes = panels(len(logs))
     for name, (steps, c), box in zip(names, logs, boxes):
         x = steps[k(steps) - 1:]
@@ -433,7 +416,7 @@ def table(head, rows):
 
 def rows(m):
     """The tables' rows, (name, row): the floor first (`copy`, `warp`), then the runs by label."""
-    return [*m["baselines"].items(), *zip(labels(list(m["runs"])), m["runs"].values())]
+    return [*m["baselines"].items(), *zip(cli.labels(list(m["runs"])), m["runs"].values())]
 
 
 def save_metrics(m, out):
@@ -445,12 +428,10 @@ def save_metrics(m, out):
         json.dump(m, f)
     with data.writing(os.path.join(out, "metrics.csv")) as tmp, open(tmp, "w", newline="") as f:
         csv.writer(f).writerows([["run", "metric", "mean", "ci_low", "ci_high", "n"]] + [
-            [name, k, *v, r["n"][k]]
-            for name, r in models for k, v in r["summary"].items()])
+            [name, k, *v, r["n"][k]] for name, r in models for k, v in r["summary"].items()])
     md = table(["run"] + keys, [[name] + [fmt(r["summary"][k]) if k in r["summary"] else "-" for k in keys]
                                 for name, r in models])
-    edges = "; ".join(f"{labels([d])[0]} {e['edges'][0]:.3g} and {e['edges'][1]:.3g}"
-                      for d, e in m["motion"].items())
+    edges = "; ".join(f"{e['edges'][0]:.3g} and {e['edges'][1]:.3g}" for e in m["motion"].values())
     with data.writing(os.path.join(out, "metrics.md")) as tmp, open(tmp, "w") as f:
         f.write(f"Split `{m['split']}`, {m['n_pairs']} pairs (seed {m['seed']}); judge: {m['judge']}. "
                 f"Mean [95 % t-interval over pairs]. `copy` and `warp` are the floor (no training). "
@@ -463,12 +444,12 @@ def main(argv=None):
     p = cli.ArgParser(description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     for cmd, about in (
-            ("heatmaps", "Appendix B: each run's |generated - target| on the same held-out pairs, and warp's"),
+            ("heatmaps", "Appendix B: each run's |generated - target| on held-out pairs, and the warp's"),
             ("grid", "Fig. 1 per run: source, target landmarks (as G gets them), generated, warp, target"),
             ("losses", "Fig. 3 (each weighted loss term at the end), Fig. 4 (over training), from log.csv"),
-            ("metrics", "L1 / PSNR / SSIM on held-out pairs with 95 % intervals, on all pairs and by motion "
-                        "third, beside the floor (copy, warp); on the synthetic set cross-identity scores and "
-                        "identity leak; flicker. A short table; all of it in OUT/metrics.md (.csv, .json)")):
+            ("metrics", "L1 / PSNR / SSIM on held-out pairs with 95 % intervals, on all pairs and by "
+                        "motion third, beside the floor (copy, warp); on the synthetic set, cross-identity"
+                        " scores and identity leak; flicker. A short table; all in OUT/metrics.md, .csv, .json")):
         s = sub.add_parser(cmd, help=about.replace("%", "%%"), description=about)  # help is %-formatted
         s.add_argument("--runs", nargs="+", help="run folders (default: the run under runs/ trained last)")
         s.add_argument("--out", default="eval", help="output folder")
@@ -505,10 +486,10 @@ def main(argv=None):
             save_metrics(m, a.out)
             text, rest = cli.short_table(rows(m), FIRST, WIDTH)
             edges = "; ".join(f"{e['edges'][0]:.3g} and {e['edges'][1]:.3g}" for e in m["motion"].values())
+            more = f" {len(rest)} more in metrics.md." if rest else ""
             print(f"\n{text}\n\ncopy, warp: the floor, no training. Mean ± half the 95 % t-interval over "
                   f"{a.n} pairs.\n_large: the third of the pairs that move most (motion = mean landmark "
-                  f"displacement / face\nsize; thirds' edges {edges}). Judge: {m['judge']}."
-                  + (f" {len(rest)} more metrics in {a.out}/metrics.md." if rest else ""))
+                  f"displacement / face\nsize; edges {edges}). Judge: {m['judge']}.{more}")
             paths = [os.path.join(a.out, f) for f in ("metrics.md", "metrics.csv", "metrics.json")]
     except DataError as e:
         cli.fail(str(e))

@@ -16,14 +16,12 @@ G's four passes, D's update on real vs generated, then G's update on the six-ter
 import contextlib
 import csv
 import functools
-import gc
 import os
 import signal
 import sys
 import time
 
 import torch
-import torch.distributed as dist
 
 import data
 import evaluate
@@ -31,6 +29,7 @@ import losses
 import networks
 from data import DataError
 import extras.ablation
+import extras.augment
 import extras.cli as cli
 import extras.landmarks
 import extras.play
@@ -60,19 +59,27 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # 
 
 
 # ----------------------------------------------------------------------------- the step
-def generator_passes(G, I_s, e_s, e_m, e_t, cycle=True, fused=True):
+def generator_passes(G, I_s, e_s, e_m, e_t, cycle=True, fused=True, grids=None):
     """Î_t = G(I_s; e_t) and, for the consistency terms, G(Î_t; e_s), G(I_s; e_m), G(G(I_s; e_m); e_t).
     fused: passes that share no dependency run as one batched call (G normalises per sample,
-    so this changes the speed, not the maths)."""
+    so this changes the speed, not the maths). grids: for G's "warp" output, each pass's base (warp_grids)."""
+    g = lambda x, e, *k: G(x, e) if grids is None else G(x, e, torch.cat([grids[i] for i in k]))
     if not cycle:
-        return G(I_s, e_t), None, None, None
+        return g(I_s, e_t, "st"), None, None, None
     if fused:
-        fake, mid = G(torch.cat([I_s, I_s]), torch.cat([e_t, e_m])).chunk(2)
-        cyc, tri = G(torch.cat([fake, mid]), torch.cat([e_s, e_t])).chunk(2)
+        fake, mid = g(torch.cat([I_s, I_s]), torch.cat([e_t, e_m]), "st", "sm").chunk(2)
+        cyc, tri = g(torch.cat([fake, mid]), torch.cat([e_s, e_t]), "ts", "mt").chunk(2)
     else:
-        fake, mid = G(I_s, e_t), G(I_s, e_m)
-        cyc, tri = G(fake, e_s), G(mid, e_t)
+        fake, mid = g(I_s, e_t, "st"), g(I_s, e_m, "sm")
+        cyc, tri = g(fake, e_s, "ts"), g(mid, e_t, "mt")
     return fake, mid, cyc, tri
+
+
+def warp_grids(b, size):
+    """G's "warp" bases for the four passes: the thin-plate spline from the landmarks of each pass's
+    image to those it is asked for (s -> t, s -> m; Î_t has t's, so t -> s; G(I_s; e_m) has m's, m -> t)."""
+    lm = {"s": b["lm_s"], "m": b["lm_m"], "t": b["lm_t"]}
+    return {k: networks.tps_grid(lm[k[0]], lm[k[1]], size) for k in ("st", "sm", "ts", "mt")}
 
 
 def generator_terms(D, vgg, b, want, fake, cyc, e_t, tri, amp):
@@ -100,18 +107,21 @@ def conditions(b, hm):
     return (data.heatmaps(b[k], hm["size"], hm["sigma"], hm["window"]) for k in ("lm_s", "lm_m", "lm_t"))
 
 
-def train_step(G, D, vgg, opt_G, opt_D, b, lam, hm, fused=True, amp=False):
+def train_step(G, D, vgg, opt_G, opt_D, b, lam, hm, fused=True, amp=False, warp=False):
     """One step on a batch b of device tensors: G's passes, D's update (when G learns from D), G's update.
     Only what a term with a weight needs is computed. Returns the raw terms with a weight, and L_G (and
     L_D), as tensors: nothing here waits for the device.
 
     amp: VGG runs in bf16 autocast; G and D stay fp32 (TF32 tensor cores on CUDA). L_self and L_triple
     weigh (x100) small differences between generated images, and bf16 noise through G's four passes
-    swamps them, while VGG's features only feed L_pp and L_id (docs/speed.md has the measurements)."""
+    swamps them, while VGG's features only feed L_pp and L_id (docs/speed.md has the measurements).
+    warp: G's output is "warp", whose passes start from the landmarks' thin-plate splines."""
     torch.compiler.cudagraph_mark_step_begin()  # --compile reduce-overhead: last step's graph buffers free
     e_s, e_m, e_t = conditions(b, hm)
     want = [t for t in TERMS if lam[t] > 0]
-    fake, _, cyc, tri = generator_passes(G, b["I_s"], e_s, e_m, e_t, {"self", "triple"} & set(want), fused)
+    cycle = "self" in want or "triple" in want  # the consistency passes only for a run that trains on them
+    grids = warp_grids(b, hm["size"]) if warp else None
+    fake, _, cyc, tri = generator_passes(G, b["I_s"], e_s, e_m, e_t, cycle, fused, grids)
     out = {}
     if lam["adv"] > 0:  # with λ_adv = 0 G never sees D: D is neither run nor trained
         # L_D = BCE(D(I_t, e_t), 1) + BCE(D(Î_t, e_t), 0); Î_t detached: this update is D's alone
@@ -128,43 +138,21 @@ def train_step(G, D, vgg, opt_G, opt_D, b, lam, hm, fused=True, amp=False):
     opt_G.zero_grad(set_to_none=True)
     L_G.backward()
     opt_G.step()
-    return {**{k: v.detach() for k, v in terms.items()}, "G": L_G.detach(), **{k: v.detach() for k, v in out.items()}}
+    return {k: v.detach() for k, v in {**terms, "G": L_G, **out}.items()}
 
 
 @torch.no_grad()
-def measure(G, D, vgg, b, hm, amp=False):
+def measure(G, D, vgg, b, hm, amp=False, warp=False):
     """Every raw term of L_G and L_D on a batch, without gradient and without any update: what a log row
     reports of the terms a run does not train on, so that ablated runs compare term by term."""
     e_s, e_m, e_t = conditions(b, hm)
-    fake, _, cyc, tri = generator_passes(G, b["I_s"], e_s, e_m, e_t)
+    grids = warp_grids(b, hm["size"]) if warp else None
+    fake, _, cyc, tri = generator_passes(G, b["I_s"], e_s, e_m, e_t, grids=grids)
     return {**generator_terms(D, vgg, b, TERMS, fake, cyc, e_t, tri, amp),
             "D": losses.L_D(D(b["I_t"], e_t), D(fake, e_t))}
 
 
 # ----------------------------------------------------------------------------- training
-def setup_distributed(device):
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python facesynth.py` is one process. Returns
-    (rank, world, device, group): group is a gloo group for the ranks' CPU tensors (beside NCCL's)."""
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return 0, 1, device, None
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device, dist.new_group(backend="gloo")
-
-
-def training_data(root, main_rank, world):
-    """The prepared dataset to train on: `root` (--data), or the built-in synthetic set, built once by
-    rank 0 while the other ranks wait."""
-    if root is None:
-        box = [extras.synthetic.ensure_synthetic(CACHE) if main_rank else None]
-        if world > 1:
-            dist.broadcast_object_list(box)
-        root = box[0]
-    return root
-
-
 def build_models(args, device, ckpt, init, log):
     """G, D, the frozen VGG (and where its weights came from), both Adam optimisers, and the step and
     training seconds to start from: a resumed checkpoint's, or 0. --init's run gives G and D their
@@ -172,15 +160,14 @@ def build_models(args, device, ckpt, init, log):
     G = networks.build_generator(args).to(device)
     D = networks.Discriminator(ndf=args["ndf"]).to(device)
     again = ckpt and ckpt.get("vgg") == "random"  # the run's loss keeps its features, and its notice is said
-    vgg, vgg_source = networks.load_vgg(losses.VGG_LAYERS, "random" if again else runs.vgg_weights(args["vgg"], log),
-                                        args["vgg_widths"] or networks.VGG_WIDTHS)
+    weights = "random" if again else runs.vgg_weights(args["vgg"], log)
+    vgg, vgg_source = networks.load_vgg(losses.VGG_LAYERS, weights, args["vgg_widths"] or networks.VGG_WIDTHS)
     vgg = networks.to_layout(vgg.to(device), device)
     opt_G = torch.optim.Adam(G.parameters(), lr=args["lr_g"], betas=BETAS)
     opt_D = torch.optim.Adam(D.parameters(), lr=args["lr_d"], betas=BETAS)
     start, elapsed = 0, 0.0
-    for weights in (ckpt, init):
-        if weights:
-            G.load_state_dict(weights["G"]), D.load_state_dict(weights["D"])
+    if ckpt or init:
+        G.load_state_dict((ckpt or init)["G"]), D.load_state_dict((ckpt or init)["D"])
     if ckpt:
         opt_G.load_state_dict(ckpt["opt_G"]), opt_D.load_state_dict(ckpt["opt_D"])
         start, elapsed = ckpt["step"], ckpt.get("time", 0.0)
@@ -199,31 +186,24 @@ def runnable(G, D, vgg, args, world, device, log):
     return G, D, vgg
 
 
-def learning_rates(args, done, total):
-    """(G's, D's) learning rate for the step after `done`: the paper's, constant; with --lr-decay,
-    constant for the first half of the run, then down in a straight line to 0 at its end (pix2pix)."""
+def schedule(args, world):
+    """(steps per epoch, the run's total steps): --steps, else --epochs of --triplets-per-epoch."""
+    per_epoch = data.steps_per_epoch(args, world)
+    return per_epoch, args["steps"] or args["epochs"] * per_epoch
+
+
+def learning_rates(args, done, total, opts=()):
+    """(G's, D's) learning rate for the step after `done`, set in `opts` (opt_G, opt_D): the paper's,
+    constant; with --lr-decay, constant for the first half of the run, then down in a straight line to 0
+    at its end (pix2pix's schedule)."""
     f = min(1.0, 2 * (total - done) / total) if args["lr_decay"] else 1.0
-    return args["lr_g"] * f, args["lr_d"] * f
+    lrs = args["lr_g"] * f, args["lr_d"] * f
+    for opt, lr in zip(opts, lrs):
+        opt.param_groups[0]["lr"] = lr
+    return lrs
 
 
-LOG_FIELDS = (["step", "epoch", "time", "triplets_per_s"] + [f"L_{t}" for t in TERMS]
-              + ["L_G", "L_D", "lr_G", "lr_D"])
-
-
-def start_outputs(out, config, start):
-    """The run folder: samples/, config.json, and a fresh log.csv, or on resume its rows up to the
-    checkpoint's step (later ones are redone)."""
-    data.write_json(os.path.join(out, "config.json"), config)
-    path, rows = os.path.join(out, "log.csv"), []
-    if start and os.path.isfile(path):  # a row cut short (a kill mid-write) is dropped
-        with open(path, newline="") as f:
-            head, *rows = list(csv.reader(f)) or [[]]
-            rows = [r for r in rows if len(r) == len(head) and r[0].isdigit() and int(r[0]) <= start]
-    with data.writing(path) as tmp, open(tmp, "w", newline="") as f:
-        csv.writer(f).writerows([LOG_FIELDS] + rows)
-
-
-def sample_pairs(args, device, n=4):
+def sample_pairs(args, n=4):
     """The sample grids' pairs, fixed for a run: the first n of metrics' pairs on the run's first test
     split (train when it has none), so that every step's grid shows the same held-out faces, beside
     the warp floor's drawing of them (extras/yardsticks.py)."""
@@ -232,16 +212,28 @@ def sample_pairs(args, device, n=4):
     except DataError:
         split, videos = "train", data.load_videos(args["data"], "train")
     src, src_lm, tgt, lm = evaluate.gather(videos, n)
-    return {"split": split, "src": src, "tgt": tgt, "I_s": data.to_tensor(src).to(device),
-            "lm_t": torch.as_tensor(lm, device=device), "warp": extras.yardsticks.warp(src, src_lm, lm)}
+    return {"split": split, "src": src, "lm_s": src_lm, "tgt": tgt, "lm_t": lm,
+            "warp": extras.yardsticks.warp(src, src_lm, lm)}
 
 
-def log_row(path, step, per_epoch, seconds, rate, vals, lrs):
-    row = [step, f"{step / per_epoch:.3f}", f"{seconds:.1f}", f"{rate:.2f}"]
-    row += [f"{vals[t]:.5g}" if t in vals else "" for t in TERMS]
-    row += [f"{vals[k]:.5g}" if k in vals else "" for k in ("G", "D")] + [f"{lr:.6g}" for lr in lrs]
-    with open(path, "a", newline="") as f:
-        csv.writer(f).writerow(row)
+def sample_grid(G, pairs, args, path, step):
+    """samples/step_NNNNNN.png: train's fixed pairs (sample_pairs) as evaluate.COLUMNS, G's drawing at this
+    step beside the warp floor's."""
+    fake = networks.generate(G, {"args": args}, pairs["src"], pairs["lm_t"], pairs["lm_s"])
+    head = [f"source ({pairs['split']})", "target landmarks", f"generated, step {step}", "warp", "target"]
+    columns = [pairs["src"], evaluate.landmark_picture(pairs["lm_t"], {"args": args}), fake, pairs["warp"],
+               pairs["tgt"]]
+    return evaluate.write_png(path, evaluate.tile_figure(columns, head))
+
+
+def banner(config, n_videos, total, B, per_epoch, start):
+    """What a run is about to do, in one line: its models, data, schedule, device and starting point."""
+    a, init, world = config["args"], config["init"], config["world_size"]
+    return (f"G {config['params_G'] / 1e6:.2f}M params ({a['output']} output), "
+            f"D {config['params_D'] / 1e6:.3f}M params, VGG: {config['vgg']}; {n_videos} train videos, "
+            f"{total} steps of {B} triplets ({per_epoch} steps/epoch) on {config['device']}"
+            f"{f' x{world}' if world > 1 else ''}, from step {start}"
+            + (f" (weights from {init['run']}, step {init['step']})" if init else ""))
 
 
 def progress_line(done, total, per_epoch, B, rate, vals, first):
@@ -251,17 +243,6 @@ def progress_line(done, total, per_epoch, B, rate, vals, first):
     terms = " ".join(f"{t} {vals[t]:.4f}" for t in TERMS if t in vals)
     print(f"step {done}/{total} epoch {done / per_epoch:.2f} {speed} | {terms}"
           + (f" | D {vals['D']:.4f}" if "D" in vals else ""), flush=True)
-
-
-def ranks_agree(G, D, world, device, log):
-    """DDP's promise, checked at the end: every rank holds the same weights."""
-    sums = torch.stack([sum(p.double().sum() for p in m.parameters()) for m in (G, D)]).to(device)
-    every = [torch.zeros_like(sums) for _ in range(world)]
-    dist.all_gather(every, sums)
-    same = all(torch.equal(every[0], s) for s in every)
-    log(f"{world} ranks identical: {same}")
-    if not same:
-        raise FloatingPointError("ranks drifted apart: their weights differ")
 
 
 def train(args, given):
@@ -275,6 +256,11 @@ def train(args, given):
         ckpt = init = None
         if args.get("resume"):
             args, run, ckpt = runs.resumed(args, given)
+            total = schedule(args, runs.world_size())[1]
+            if ckpt["step"] >= total:
+                print(f"{runs.checkpoint_file(args['resume'])} is at step {ckpt['step']} of {total}: "
+                      "nothing to do (a larger --steps or --epochs trains on)")
+                return args["out"]
         else:
             if args.get("init"):
                 args, init = runs.initialised(args, given)
@@ -285,101 +271,82 @@ def train(args, given):
 def train_run(args, run, ckpt, init):
     """train's work, in the run folder it owns: `args` this session's options, `run` the run's to save;
     `ckpt` the checkpoint it resumes, `init` the one whose G and D it starts from (or None)."""
-    rank, world, device, group = setup_distributed(networks.pick_device(args["device"]))
-    main_rank = rank == 0
-    log = print if main_rank else (lambda *a, **k: None)
+    rank, world, device, group = runs.setup_distributed(networks.pick_device(args["device"]))
+    main_rank, log = rank == 0, print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args["seed"] + rank)
-    root = training_data(args["data"], main_rank, world)
-    fixed = {"data": root, "size": data.read_prepared(root)["size"]}
+    fixed = runs.training_data(args["data"], main_rank, world, init)  # the dataset and its image size
     args, run = {**args, **fixed}, {**run, **fixed}
-    if init and init["args"]["size"] != fixed["size"]:
-        raise DataError(f"--init {args['init']}: its run was trained at {init['args']['size']} px, "
-                        f"{root} is {fixed['size']} px")
-    videos = data.load_videos(root, "train")
+    videos = data.load_videos(args["data"], "train")
     lam = losses.lambdas({t: args[f"lambda_{t}"] for t in TERMS if args[f"lambda_{t}"] is not None},
                          args["ablate"])
     G, D, vgg, vgg_source, opt_G, opt_D, start, elapsed = build_models(args, device, ckpt, init, log)
-    per_epoch = data.steps_per_epoch(args, world)
-    total = args["steps"] or args["epochs"] * per_epoch
+    per_epoch, total = schedule(args, world)
     out, B, amp = args["out"], args["batch_size"] * world, device.type == "cuda"
-    hm = {"size": args["size"], "sigma": args["sigma"], "window": args["window"]}
+    warp = args["output"] == "warp"  # G's passes start from the landmarks' thin-plate splines
+    hm = {"size": args["size"], "sigma": args["sigma"], "window": args["window"]}  # the heatmaps' shape
     ckpt_path, log_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "log.csv")
-    if start >= total:
-        log(f"{ckpt_path} is at step {start} of {total}: nothing to do "
-            "(a larger --steps or --epochs trains on)")
-        if world > 1:
-            dist.destroy_process_group()
-        return out
     G_run, D_run, vgg_run = runnable(G, D, vgg, args, world, device, log)
     config = {"args": args, "lambdas": lam, "vgg": vgg_source, "params_G": networks.count_params(G),
               "params_D": networks.count_params(D), "world_size": world, "device": str(device),
               "init": init and {"run": args["init"], "step": init["step"]}}
     if main_rank:
-        start_outputs(out, config, start)
-        pairs = sample_pairs(args, device)
-    log(f"G {config['params_G'] / 1e6:.2f}M params ({args.get('output', 'image')} output), D "
-        f"{config['params_D'] / 1e6:.3f}M params, VGG: {vgg_source}; {len(videos)} train videos, {total} "
-        f"steps of {B} triplets ({per_epoch} steps/epoch) on {device}" + (f" x{world}" if world > 1 else "")
-        + f", from step {start}" + (f" (weights from {args['init']}, step {init['step']})" if init else ""))
-
+        runs.start_outputs(out, config, start)
+        pairs = sample_pairs(args)
+    log(banner(config, len(videos), total, B, per_epoch, start))
     saved = start  # the step that ckpt.pt holds
     kept = lambda: f"{ckpt_path} keeps step {saved}" if saved else "no checkpoint was written"
     bad = torch.zeros((), dtype=torch.bool, device=device)  # NaN/inf seen, checked without a sync per step
-    t0 = t_line = time.time()
+    t0 = t_line = time.time()  # t_line, step_line: when the last progress line was printed, and its step
     done = step_line = start
     stop, previous = runs.on_stop_signals(log)
     try:
         for step, b in data.batches(videos, args, start, total, rank, world, device):
-            lrs = learning_rates(args, step, total)
-            for opt, lr in zip((opt_G, opt_D), lrs):
-                opt.param_groups[0]["lr"] = lr
-            terms = train_step(G_run, D_run, vgg_run, opt_G, opt_D, b, lam, hm, amp=amp)
+            if args["augment"]:  # beyond the paper: each triplet moved as one (extras/augment.py)
+                moves = extras.augment.moves(args["seed"], step, B).chunk(world)[rank]  # this rank's share
+                b = extras.augment.move_triplets(b, moves)
+            lrs = learning_rates(args, step, total, (opt_G, opt_D))
+            terms = train_step(G_run, D_run, vgg_run, opt_G, opt_D, b, lam, hm, amp=amp, warp=warp)
             bad |= ~torch.isfinite(terms["G"] + terms.get("D", 0))
             done = step + 1
-            # Two decisions a step, alike on every rank: log now, save now. A signal asks for both: one
-            # process answers it after this step, several ranks at the next step they all log or save.
-            log_now = done == 1 or done % args["log_every"] == 0 or done == total  # a row at step 1 too
-            save_now = done % args["ckpt_every"] == 0 or done == total
+            # Two decisions a step, alike on every rank: log now, save now. There the ranks agree on a
+            # stop signal and a NaN (the loop's one host sync). A signal asks for both: one process
+            # answers it after this step, several ranks at the next step they all log or save.
             asked = bool(stop) and world == 1
-            if main_rank and (done == start + 1 or done % args["sample_every"] == 0 or done == total or asked):
+            log_now = done == 1 or done % args["log_every"] == 0 or done == total or asked
+            save_now = done % args["ckpt_every"] == 0 or done == total or asked
+            signum, nan = runs.agree(stop, bad.item(), group) if log_now or save_now else (0, False)
+            if nan:
+                raise FloatingPointError(f"loss became NaN/inf by step {done}; stopped ({kept()})")
+            log_now, save_now = log_now or signum > 0, save_now or signum > 0
+            if log_now:  # the terms a run does not train on, measured apart: no gradient, no update
+                terms = {**measure(G_run, D_run, vgg_run, b, hm, amp, warp), **terms}
+            if main_rank and (done in (start + 1, total) or done % args["sample_every"] == 0 or signum):
                 # the same held-out faces each time, the first early: a glance that G draws faces at all
-                evaluate.sample_grid(G, pairs, args, os.path.join(out, "samples", f"step_{done:06d}.png"), done)
-            if log_now or save_now or asked:
-                signum, nan = runs.agree(stop, bad.item(), group)  # the one host sync
-                if nan:
-                    raise FloatingPointError(f"loss became NaN/inf by step {done}; stopped ({kept()})")
-                if main_rank and (log_now or signum):  # a stopped run's last row: the step it saves
-                    now, vals = time.time(), {k: v.item() for k, v in {**measure(
-                        G_run, D_run, vgg_run, b, hm, amp), **terms}.items()}
-                    rate, t_line, step_line = (done - step_line) * B / (now - t_line), now, done
-                    log_row(log_path, done, per_epoch, elapsed + now - t0, rate, vals, lrs)
-                    progress_line(done, total, per_epoch, B, rate, vals, first=done == start + 1)
-                if main_rank and (save_now or signum):  # a checkpoint is a plain dict
-                    networks.save_checkpoint(ckpt_path, {
-                        "G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
-                        "opt_D": opt_D.state_dict(), "step": done, "time": elapsed + time.time() - t0,
-                        "args": run, "lambdas": lam, "vgg": vgg_source})
-                saved = done if save_now or signum else saved
-                if signum:
-                    log(f"interrupted: checkpoint at step {done} in {ckpt_path}; continue with --resume {out}")
-                    raise SystemExit(128 + signum)
-            elif main_rank and (done == start + 1 or time.time() - t_line > LINE_EVERY):  # never silent long
-                now = time.time()
+                grid = os.path.join(out, "samples", f"step_{done:06d}.png")
+                sample_grid(G, pairs, args, grid, done)
+            if main_rank and (log_now or done == start + 1 or time.time() - t_line > LINE_EVERY):
+                now, vals = time.time(), {k: v.item() for k, v in terms.items()}
                 rate, t_line, step_line = (done - step_line) * B / (now - t_line), now, done
-                progress_line(done, total, per_epoch, B, rate, {k: v.item() for k, v in terms.items()},
-                              first=done == start + 1)
-        if world > 1:
-            ranks_agree(G, D, world, device, log)
+                if log_now:  # a row at step 1, every --log-every steps, at the end and where a run stops
+                    runs.log_row(log_path, done, per_epoch, elapsed + now - t0, rate, vals, lrs)
+                progress_line(done, total, per_epoch, B, rate, vals, first=done == start + 1)
+            if save_now:
+                if main_rank:  # a checkpoint is a plain dict
+                    networks.save_checkpoint(ckpt_path, {"G": G.state_dict(), "D": D.state_dict(),
+                        "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(), "step": done, "args": run,
+                        "time": elapsed + time.time() - t0, "lambdas": lam, "vgg": vgg_source})
+                saved = done
+            if signum:
+                log(f"interrupted: checkpoint at step {done} in {ckpt_path}; continue with --resume {out}")
+                raise SystemExit(128 + signum)
+        runs.ranks_agree(G, D, world, device, log)
     except KeyboardInterrupt:
         log(f"\ninterrupted twice: stopped at once without saving; {kept()}")
         raise SystemExit(128 + (stop or [signal.SIGINT])[0]) from None
     finally:
         runs.restore_signals(previous)
-        if world > 1:
-            # DDP freed now: left to the exit, gloo's threads can abort a finished run (docs/training.md)
-            G_run = D_run = vgg_run = None
-            gc.collect()
-            dist.destroy_process_group()
+        G_run = D_run = vgg_run = None  # DDP's wrappers, freed before the ranks part (runs.part)
+        runs.part(world)
     log(f"done: {done} steps in {time.time() - t0:.0f}s; outputs in {out}/ "
         "(ckpt.pt, log.csv, config.json, samples/)")
     return out
@@ -412,7 +379,8 @@ def add_model_options(p):
                    help="G down-sampling blocks (paper: 4)")
     p.add_argument("--ndf", type=width, default=NDF, help="D width (paper: 32)")
     p.add_argument("--output", choices=networks.OUTPUTS, default="image", help="what G draws: image (the "
-                   "paper: every pixel), residual (Î_t = I_s + Δ) or flow (I_s moved along a flow, + Δ)")
+                   "paper: every pixel), or beyond it residual (Î_t = I_s + Δ), flow (I_s moved along a flow,"
+                   " + Δ), warp (I_s moved along the landmarks' thin-plate spline and a flow, + Δ)")
     p.add_argument("--vgg-widths", type=cli.number(), nargs=5, metavar="C",
                    help="narrower VGG block widths for smoke tests (random features only, no --vgg)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -470,7 +438,10 @@ def main(argv=None):
     p.add_argument("--crop-scale", type=cli.number(float, 0, above=True), default=data.CROP_SCALE,
                    help="crop side / landmark box side")
     p.add_argument("--split-file", help="JSON {split: [video names]} instead of the official 300VW split "
-                   "(plain videos: instead of holding out the last 20 %% by name as test1)")
+                   "(plain videos: instead of --hold-out)")
+    p.add_argument("--hold-out", choices=("name", "tail"), help="plain videos without --split-file: test1 "
+                   "gets the last 20 %% of them by name, or the last 20 %% of each one's frames as NAME-tail "
+                   "(default: tail for a single video, else name)")
     p.add_argument("--workers", type=pos, default=2, help="processes")
     about = "write the synthetic talking-head videos in 300VW layout (train's default set needs no synth)"
     extras.synthetic.add_options(sub.add_parser("synth", help=about, description=about))
@@ -499,9 +470,11 @@ def main(argv=None):
         if verb == "train":
             train(a, cli.given_options(p_train, argv[1:]))
         elif verb == "prepare":
+            videos, skipped = extras.landmarks.plain_videos(args.src)  # files to detect landmarks on
             summary = data.prepare(args.src, args.out, size=args.size, crop_scale=args.crop_scale,
-                                   workers=args.workers, split_file=args.split_file,
-                                   **extras.landmarks.plain_videos(args.src))
+                                   workers=args.workers, split_file=args.split_file, hold_out=args.hold_out,
+                                   videos=videos, skipped=skipped,
+                                   landmarks=extras.landmarks.usable_landmarks)
             if summary["prepared"] + summary["existing"] == 0:
                 cli.fail(f"{args.src}: no video could be prepared")
             print(f"prepared dataset in {args.out}/")

@@ -26,8 +26,11 @@ RELU = {"relu1_1": 1, "relu1_2": 3, "relu2_1": 6, "relu2_2": 8, "relu3_1": 11, "
         "relu3_3": 15, "relu3_4": 17, "relu4_1": 20, "relu4_2": 22, "relu4_3": 24, "relu4_4": 26,
         "relu5_1": 29, "relu5_2": 31, "relu5_3": 33, "relu5_4": 35}
 # What G's last conv draws. "image": every pixel of Î_t (the paper). Beyond the paper, what changes:
-# "residual", Î_t = I_s + Δ; "flow", Î_t = I_s sampled along a flow F, + Δ. Both start as the copy.
-OUTPUTS = ("image", "residual", "flow")
+# "residual", Î_t = I_s + Δ; "flow", Î_t = I_s sampled along a flow F, + Δ; "warp", I_s sampled along the
+# landmarks' thin-plate spline (tps_grid) + F, + Δ. They start as the floor: copy, copy, warp.
+OUTPUTS = ("image", "residual", "flow", "warp")
+TPS_SMOOTH = 1e-6  # the spline's regulariser, relative to its kernel's scale: coinciding landmarks (a
+                   # closed eye, a shut mouth) would leave its system singular without one
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -109,11 +112,13 @@ class Generator(nn.Module):
         self.up = nn.ModuleList(
             nn.Sequential(nn.ConvTranspose2d(ch[i] + (ch[i + 1] if i < n_down - 1 else 0), ch[i], 4, 2, 1),
                           _norm(ch[i]), nn.ReLU()) for i in range(n_down - 1, -1, -1))
-        self.out = nn.Conv2d(ch[0], 3 + 2 * (output == "flow"), 3, 1, 1)  # full resolution -> RGB (+ flow)
+        self.out = nn.Conv2d(ch[0], 3 + 2 * (output in ("flow", "warp")), 3, 1, 1)  # to RGB (and a flow)
         if output != "image":  # Δ = 0 and no flow: an untrained G copies its source, the copy floor
             nn.init.zeros_(self.out.weight), nn.init.zeros_(self.out.bias)
 
-    def forward(self, image, heatmaps):
+    def forward(self, image, heatmaps, base=None):
+        """Î_t from I_s (B,3,S,S) and e_t (B,68,S,S); base: for output "warp", where each pixel of the
+        target reads I_s (tps_grid of the source's and target's landmarks)."""
         s = image.shape[-1]
         if s % 2 ** self.n_down or s >> self.n_down < 2:
             raise ValueError(f"image size {s} must be a multiple of 2^n_down = {2 ** self.n_down}, "
@@ -131,10 +136,13 @@ class Generator(nn.Module):
         y = self.out(x)
         if self.output == "image":
             return torch.tanh(y)  # the paper's: G draws every pixel; images live in [-1, 1]
-        if self.output == "flow":  # I_s resampled where the flow points (image half-widths), edges repeated
-            grid = identity_grid(s, image.device) + y[:, 3:].permute(0, 2, 3, 1)
+        if self.output in ("flow", "warp"):  # I_s resampled where the flow points (in image half-widths)
+            if self.output == "warp" and base is None:
+                raise ValueError("output 'warp' needs the landmarks' base grid (networks.tps_grid)")
+            start = base if self.output == "warp" else identity_grid(s, image.device)
+            grid = start + y[:, 3:].permute(0, 2, 3, 1)
             image = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return (image + y[:, :3]).clamp(-1, 1)  # Î_t = I_s + Δ (or the flowed I_s + Δ)
+        return (image + y[:, :3]).clamp(-1, 1)  # Î_t = I_s + Δ (I_s moved first, for flow and warp)
 
 
 def identity_grid(size, device):
@@ -142,6 +150,26 @@ def identity_grid(size, device):
     sampling there gives the image back."""
     c = (torch.arange(size, device=device, dtype=torch.float32) * 2 + 1) / size - 1
     return torch.stack(torch.meshgrid(c, c, indexing="xy"), -1)[None]
+
+
+def tps_grid(src_lm, tgt_lm, size):
+    """Where each pixel of a size x size target reads its source, as grid_sample's (B,S,S,2) coordinates:
+    the thin-plate spline f with f(tgt_i) = src_i through the 68 landmarks (B,68,2, 0-based pixel
+    centres), f(x) = a + A x + sum_i w_i U(|x - tgt_i|), U(r) = r² log r². Of all maps through the points
+    it bends least (Bookstein 1989); a shift, turn or zoom of the points it makes exactly. Solved in
+    float64, whose 71 x 71 systems are cheap on any device."""
+    p, q = (torch.as_tensor(lm).to(torch.float64) for lm in (tgt_lm, src_lm))
+    U = lambda d2: torch.where(d2 > 0, d2 * torch.log(d2.clamp_min(1e-300)), torch.zeros_like(d2))
+    B, n = p.shape[:2]
+    K = U(((p[:, :, None] - p[:, None]) ** 2).sum(-1))
+    K = K + TPS_SMOOTH * K.abs().mean((1, 2), keepdim=True).clamp_min(1) * torch.eye(n).to(K)
+    P = torch.cat([torch.ones_like(p[..., :1]), p], -1)
+    A = torch.cat([torch.cat([K, P], 2), torch.cat([P.transpose(1, 2), P.new_zeros(B, 3, 3)], 2)], 1)
+    coef = torch.linalg.solve(A, torch.cat([q, q.new_zeros(B, 3, 2)], 1))
+    c = torch.arange(size, dtype=torch.float64, device=p.device)
+    x = torch.stack(torch.meshgrid(c, c, indexing="xy"), -1).reshape(1, -1, 2)  # every pixel centre
+    f = U(((x[:, :, None] - p[:, None]) ** 2).sum(-1)) @ coef[:, :n] + coef[:, n, None] + x @ coef[:, n + 1:]
+    return ((2 * f + 1) / size - 1).reshape(B, size, size, 2).float()
 
 
 class Discriminator(nn.Module):
@@ -337,16 +365,25 @@ def load_generator(path, device="cpu"):
 
 
 @torch.no_grad()
-def generate(G, cfg, src, lm, batch=32, label=None):
+def generate(G, cfg, src, lm, src_lm=None, batch=32, label=None):
     """Î = G(I_s; e) in batches: uint8 sources (N,S,S,3) and target landmarks (N,68,2) -> uint8 (N,S,S,3).
-    With a label, a progress line."""
+    src_lm: the sources' landmarks (N,68,2), which a G of output "warp" needs. A label: a progress line."""
     a, dev, out, t0 = cfg["args"], next(G.parameters()).device, [], time.time()
     if src.shape[1] != a["size"]:
         raise DataError(f"the images are {src.shape[1]} px, the run was trained at {a['size']} px")
+    warp = a.get("output") == "warp"
+    if warp and src_lm is None:
+        raise ValueError("a G of output 'warp' needs the sources' landmarks")
     for i in range(0, len(src), batch):
         e = heatmaps(torch.as_tensor(np.asarray(lm[i:i + batch]), device=dev), a["size"], a["sigma"],
                      a["window"])
-        out.append(to_uint8(G(to_tensor(np.asarray(src[i:i + batch])).to(dev), e)))
+        I_s = to_tensor(np.asarray(src[i:i + batch])).to(dev)
+        if warp:  # from the landmarks' thin-plate spline, source to target
+            base = tps_grid(np.asarray(src_lm[i:i + batch]), np.asarray(lm[i:i + batch]), a["size"])
+            fake = G(I_s, e, base.to(dev))
+        else:
+            fake = G(I_s, e)
+        out.append(to_uint8(fake))
         if label:
             progress(label, i + len(e), len(src), t0)
     return np.concatenate(out)

@@ -38,17 +38,22 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import evaluate
 import extras.ablation
+import extras.augment
 import extras.cli
 import extras.landmarks
 import extras.play
 import extras.reenact
 import extras.speed
+import extras.runs
 import extras.synthetic
+import extras.yardsticks
 import facesynth
 import losses
 import networks
 
 torch.set_num_threads(1)  # tiny tensors: one thread is faster, and 2 cores are shared with DDP's 2 ranks
+# The paper's weights, written out once: L_G = L_adv + 10 L_pix + 100 L_self + 100 L_triple + 10 L_pp + 1 L_id
+PAPER_LAMBDAS = {"adv": 1, "pix": 10, "self": 100, "triple": 100, "pp": 10, "id": 1}
 
 
 # ================================================================================================
@@ -212,6 +217,39 @@ def test_prepare_split_file_and_params(tmp_path):
     (tmp_path / "bad.json").write_text("[1, 2")
     with pytest.raises(data.DataError, match="bad.json"):
         data.prepare(src, out, workers=1, split_file=tmp_path / "bad.json", log=lambda m: None)
+
+
+def numbered_face(vid):
+    """A plain video's landmark reader for prepare, as extras/landmarks.py's: a face box in the middle of
+    every frame, none in frame 3."""
+    T = data.frame_count(vid)
+    lms = np.tile(np.stack(np.meshgrid(np.linspace(40, 88, 17), np.linspace(30, 66, 4)), -1).reshape(68, 2), (T, 1, 1))
+    found = np.arange(T) != 3
+    return lms.astype(np.float32), found, []
+
+
+def test_a_single_plain_video_holds_out_its_last_fifth_of_frames(tmp_path):
+    """Frame t of the GIF is flat grey 10 t + 5, so every prepared crop says which frame it came from. 15
+    frames: the last round(0.2 x 15) = 3 (12, 13, 14) are clip-tail in test1, frames 0-11 but 3 (no face)
+    are clip in train; no frame is in both."""
+    src, out, logs = tmp_path / "one", tmp_path / "prep", []
+    os.makedirs(src)
+    frames = [np.full((96, 128, 3), 10 * t + 5, np.uint8) for t in range(15)]
+    imageio.v3.imwrite(src / "clip.gif", frames, duration=40, loop=0)
+    data.prepare(str(src), str(out), size=32, workers=1, log=logs.append, videos={"clip": "clip.gif"},
+                 landmarks=numbered_face)
+    which = lambda name: sorted({(int(f.mean()) - 5) // 10 for f in np.load(out / name / "frames.npy")})
+    assert which("clip") == [0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11] and which("clip-tail") == [12, 13, 14]
+    split = json.loads((out / "split.json").read_text())
+    assert split["train"] == ["clip"] and split["test1"] == ["clip-tail"]
+    assert "split: no --split-file; the last 20% of each plain video's frames held out as test1 (clip-tail), " \
+           "the rest is train" in logs
+    # asked for by name instead: the one video is all train; a folder prepared one way refuses the other
+    with pytest.raises(data.DataError, match="hold-out tail, not 64, 1.8, name; use another output folder"):
+        data.prepare(str(src), str(out), size=64, workers=1, videos={"clip": "clip.gif"}, landmarks=numbered_face,
+                     hold_out="name", log=logs.append)
+    with pytest.raises(data.DataError, match="--hold-out tail --split-file s.json: the split file says"):
+        data.prepare(str(src), str(out), split_file="s.json", hold_out="tail")
 
 
 def test_prepare_skips_wild_short_and_unnumbered_videos_and_keeps_the_rest(tmp_path):
@@ -597,16 +635,15 @@ def test_triplets_swap_ends_half_the_time_and_respect_max_gap():
 # losses: each term and the weights against the paper and hand computations on tiny tensors
 # ================================================================================================
 def test_lambdas_are_the_papers_and_groups_its_three_ablations():
-    # L_G = L_adv + 10 L_pix + 100 L_self + 100 L_triple + 10 L_pp + 1 L_id (the paper)
-    assert losses.LAMBDAS == {"adv": 1, "pix": 10, "self": 100, "triple": 100, "pp": 10, "id": 1}
+    assert losses.LAMBDAS == PAPER_LAMBDAS
     # ablations: -pix; -consistency (self + triple); -perceptual & identity (pp + id)
     assert {k: set(v) for k, v in losses.GROUPS.items()} == {
         "pix": {"pix"}, "consistency": {"self", "triple"}, "feature": {"pp", "id"}}
-    assert losses.lambdas() == {"adv": 1, "pix": 10, "self": 100, "triple": 100, "pp": 10, "id": 1}
-    assert losses.lambdas(ablate=["consistency"]) == {"adv": 1, "pix": 10, "self": 0, "triple": 0, "pp": 10, "id": 1}
-    assert losses.lambdas(ablate=["feature"]) == {"adv": 1, "pix": 10, "self": 100, "triple": 100, "pp": 0, "id": 0}
-    assert losses.lambdas(ablate=["pix"]) == {"adv": 1, "pix": 0, "self": 100, "triple": 100, "pp": 10, "id": 1}
-    assert losses.lambdas({"self": 5, "pix": None}) == {"adv": 1, "pix": 10, "self": 5, "triple": 100, "pp": 10, "id": 1}
+    assert losses.lambdas() == PAPER_LAMBDAS
+    assert losses.lambdas(ablate=["consistency"]) == {**PAPER_LAMBDAS, "self": 0, "triple": 0}
+    assert losses.lambdas(ablate=["feature"]) == {**PAPER_LAMBDAS, "pp": 0, "id": 0}
+    assert losses.lambdas(ablate=["pix"]) == {**PAPER_LAMBDAS, "pix": 0}
+    assert losses.lambdas({"self": 5, "pix": None}) == {**PAPER_LAMBDAS, "self": 5}
     with pytest.raises(ValueError, match="style"):
         losses.lambdas(ablate=["style"])
     with pytest.raises(ValueError, match="l1"):
@@ -717,16 +754,23 @@ def inputs(b=3, seed=0):
     return torch.rand(b, 3, S, S, generator=g) * 2 - 1, torch.rand(b, 68, S, S, generator=g)
 
 
+# torchvision's vgg19 state dict, written out: features.N for the 16 convs, per block (the max-pools at 4,
+# 9, 18, 27, 36 have no weights), then classifier.*
+TV_CONVS = ((0, 2), (5, 7), (10, 12, 14, 16), (19, 21, 23, 25), (28, 30, 32, 34))
+
+
+TV_WIDTHS = (4, 4, 8, 8, 8)
+
+
 def tv_state(widths=WIDTHS, seed=0):
-    """A synthetic torchvision-format VGG-19 state dict: features.N.* at the real N, plus a classifier."""
-    g, state, c, block, n = torch.Generator().manual_seed(seed), {}, 3, 0, 0
-    for v in networks.VGG_CFG:
-        if v == "M":
-            block, n = block + 1, n + 1
-            continue
-        state[f"features.{n}.weight"] = torch.randn(widths[block], c, 3, 3, generator=g) * 0.3
-        state[f"features.{n}.bias"] = torch.randn(widths[block], generator=g) * 0.1
-        c, n = widths[block], n + 2
+    """A synthetic torchvision-format VGG-19 state dict: features.N.* at torchvision's N (TV_CONVS), with
+    `widths` channels per block, plus a classifier."""
+    g, state, c = torch.Generator().manual_seed(seed), {}, 3
+    for block, convs in enumerate(TV_CONVS):
+        for n in convs:
+            state[f"features.{n}.weight"] = torch.randn(widths[block], c, 3, 3, generator=g) * 0.3
+            state[f"features.{n}.bias"] = torch.randn(widths[block], generator=g) * 0.1
+            c = widths[block]
     state["classifier.0.weight"] = torch.randn(7, 5, generator=g)
     return state
 
@@ -860,6 +904,41 @@ def test_generator_output_stays_in_the_image_range_for_any_weights():
     assert y.abs().max() <= 1 and (y.abs() > 0.99).float().mean() > 0.5
 
 
+def test_residual_flow_and_warp_outputs_start_as_the_floor_and_move_its_pixels():
+    """Beyond the paper, G may draw what changes: residual, Î_t = I_s + Δ; flow, I_s resampled along a
+    flow F, + Δ; warp, along the landmarks' thin-plate spline and F, + Δ. Their last convolution starts at
+    zero, so an untrained G gives back I_s exactly (the copy floor), or the warp floor. Set by hand: a bias of 0.5 on Δ adds 0.5 to every pixel (clipped to [-1, 1]); a flow
+    bias of 2/S (one pixel, in grid_sample's units) on x makes pixel (x, y) read I_s at (x + 1, y), the
+    last column repeating the edge."""
+    img, hm = inputs(2)
+    for output, channels in (("residual", 3), ("flow", 5)):
+        G = networks.Generator(ngf=4, n_down=3, output=output)
+        assert G.out.out_channels == channels
+        with torch.no_grad():
+            assert torch.equal(G(img, hm), img)
+            G.out.bias[:3] = 0.5
+            torch.testing.assert_close(G(img, hm), (img + 0.5).clamp(-1, 1))
+            G.out.bias[:3] = 0
+            if output == "flow":
+                G.out.bias[3] = 2 / S
+                torch.testing.assert_close(G(img, hm), torch.cat([img[..., 1:], img[..., -1:]], -1))
+    # warp: an untrained G is the warp floor, I_s moved along the landmarks' thin-plate spline; for a pure
+    # translation of the landmarks by (2, 1) px that is I_s moved by (2, 1), its first rows and columns
+    # repeating its edge
+    G = networks.Generator(ngf=4, n_down=3, output="warp")
+    lm_s = torch.rand(2, 68, 2, generator=torch.Generator().manual_seed(3)) * 20 + 6
+    with torch.no_grad():
+        moved = G(img, hm, networks.tps_grid(lm_s, lm_s + torch.tensor([2.0, 1.0]), S))
+    torch.testing.assert_close(moved[..., 1:, 2:], img[..., :-1, :-2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(moved[..., :1, 2:], img[..., :1, :-2], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="needs the landmarks' base grid"):
+        G(img, hm)
+    # the paper's setting is the default, and a run's output comes back with its G
+    assert networks.Generator(ngf=4).output == "image"
+    assert networks.build_generator({"ngf": 4, "n_down": 3, "output": "flow"}).output == "flow"
+    assert networks.build_generator({"ngf": 4, "n_down": 3}).output == "image"  # a run from before --output
+
+
 def peaks(h, sigma):
     """Sub-pixel centres (B,K,2) of Gaussian heatmaps (B,K,S,S): ln h is a parabola in x and in y,
     so the samples either side of the brightest pixel p give its vertex exactly,
@@ -947,13 +1026,6 @@ def test_vgg_random_when_offline(tmp_path, monkeypatch):
     assert lookup()[1] == str(cached)
 
 
-# torchvision's vgg19 state dict: features.N for the 16 convs (torchvision's vgg19 layout), per block
-TV_CONVS = ((0, 2), (5, 7), (10, 12, 14, 16), (19, 21, 23, 25), (28, 30, 32, 34))
-
-
-TV_WIDTHS = (4, 4, 8, 8, 8)
-
-
 def test_vgg_relu_indices_follow_torchvisions_keys():
     # torchvision's layout, and for every reluB_K: the ReLU right after the K-th conv of block B
     listed = {"relu1_1": 1, "relu1_2": 3, "relu2_1": 6, "relu2_2": 8, "relu3_1": 11, "relu3_2": 13,
@@ -993,13 +1065,7 @@ def test_vgg_applies_imagenet_normalisation():
 
 
 def test_vgg_features_match_a_stack_built_from_torchvisions_keys(tmp_path):
-    g, state, c = torch.Generator().manual_seed(0), {}, 3
-    for b, convs in enumerate(TV_CONVS):
-        for n in convs:
-            state[f"features.{n}.weight"] = torch.randn(TV_WIDTHS[b], c, 3, 3, generator=g) * 0.3
-            state[f"features.{n}.bias"] = torch.randn(TV_WIDTHS[b], generator=g) * 0.1
-            c = TV_WIDTHS[b]
-    state["classifier.0.weight"] = torch.randn(7, 5, generator=g)
+    state, g = tv_state(TV_WIDTHS), torch.Generator().manual_seed(1)
     torch.save(state, tmp_path / "vgg.pth")
     vgg, source = networks.load_vgg(losses.VGG_LAYERS, path=str(tmp_path / "vgg.pth"), widths=TV_WIDTHS)
     assert source == str(tmp_path / "vgg.pth")
@@ -1081,7 +1147,7 @@ def adam(G, D):
 
 def only(term):
     lam = {k: 0.0 for k in ("adv", "pix", "self", "triple", "pp", "id")}
-    lam[term] = float(losses.LAMBDAS[term])
+    lam[term] = float(PAPER_LAMBDAS[term])
     return lam
 
 
@@ -1219,6 +1285,73 @@ def test_step_ignores_stale_gradients():
             torch.testing.assert_close(p, p2, rtol=0, atol=1e-7, msg=k)
 
 
+def test_a_warp_G_starts_each_pass_from_the_spline_of_its_own_landmarks(monkeypatch):
+    """--output warp: each of the step's four passes reads its image along the thin-plate spline from that
+    image's landmarks to the ones it is asked for: I_s (s) -> e_t and e_m; Î_t (drawn with t's) -> e_s;
+    G(I_s; e_m) (m's) -> e_t."""
+    G, D, vgg, b, cfg = tiny_step_setup()
+    G = networks.Generator(ngf=4, n_down=2, output="warp")
+    asked, real = [], networks.tps_grid
+    monkeypatch.setattr(networks, "tps_grid", lambda src, tgt, size: asked.append((src, tgt)) or real(src, tgt, size))
+    facesynth.train_step(G, D, vgg, *adam(G, D), b, losses.lambdas(), cfg, warp=True)
+    name = lambda lm: next(k for k in ("lm_s", "lm_m", "lm_t") if torch.equal(lm, b[k]))[-1]
+    assert sorted(name(s) + name(t) for s, t in asked) == ["mt", "sm", "st", "ts"]
+
+
+def test_without_lambda_adv_D_is_neither_run_nor_trained():
+    """With λ_adv = 0 nothing of G's loss passes through D: the step must not spend D's forward, backward
+    and update (the CPU recipe trained a D that G never saw), and must leave D as it was."""
+    lam = losses.lambdas({"adv": 0})
+    passes, d_calls, *_, terms = traced_step(lam)
+    assert d_calls == [] and "D" not in terms and "adv" not in terms and set(passes) == {FAKE, MID, CYC, TRI}
+    G, D, vgg, b, cfg = tiny_step_setup()
+    D0 = _snap(D)
+    facesynth.train_step(G, D, vgg, *adam(G, D), b, lam, cfg)
+    assert _same(_snap(D), D0)
+
+
+def test_learning_rates_decay_in_a_straight_line_over_the_second_half():
+    """--lr-decay (pix2pix's schedule): the paper's rates for the first half of the run, then a straight
+    line to 0 at its end; without it, the paper's rates throughout."""
+    args = {"lr_g": 2e-4, "lr_d": 5e-5, "lr_decay": True}
+    for done, f in ((0, 1), (400, 1), (500, 1), (600, 0.8), (750, 0.5), (999, 0.002)):
+        assert facesynth.learning_rates(args, done, 1000) == pytest.approx((2e-4 * f, 5e-5 * f))
+    assert facesynth.learning_rates({**args, "lr_decay": False}, 999, 1000) == (2e-4, 5e-5)
+
+
+def test_augmentation_moves_a_triplets_pixels_and_landmarks_as_one():
+    """--augment: a white dot drawn at a triplet's landmarks in 32-px frames; each move (scale s, turn a,
+    shift d in crop sides) is read back from the moved images, where the dot's centre of brightness must
+    be the landmark's new place, p -> s R(a) (p - c) + c + S d with c = 15.5, worked by hand per move."""
+    S, c = 32, 15.5
+    at = {"I_s": (20, 10), "I_t": (12, 18), "lm_s": (20, 10), "lm_m": (9, 9), "lm_t": (12, 18)}
+    b = {k: torch.full((1, 3, S, S), -1.0) for k in ("I_s", "I_t")}
+    for k, (x, y) in at.items():
+        if k.startswith("I"):
+            b[k][..., y - 1:y + 2, x - 1:x + 2] = 1  # a 3 x 3 dot centred on (x, y)
+        else:
+            b[k] = torch.tensor([[(x, y)] * 68], dtype=torch.float32)
+    cases = [((1.0, 90, 0.0, 0.0), lambda x, y: (c - (y - c), c + (x - c))),               # a quarter turn
+             ((1.25, 0, 0.0, 0.0), lambda x, y: (c + 1.25 * (x - c), c + 1.25 * (y - c))),  # zoom about c
+             ((1.0, 0, 0.125, -0.0625), lambda x, y: (x + 4, y - 2))]                       # 4 px right, 2 up
+    for (s, deg, dx, dy), where in cases:
+        moved = extras.augment.move_triplets(b, torch.tensor([[s, math.radians(deg), dx, dy]]))
+        for k, (x, y) in at.items():
+            want = np.array(where(x, y))
+            if k.startswith("lm"):
+                np.testing.assert_allclose(moved[k][0].numpy(), np.tile(want, (68, 1)), atol=1e-4)
+                continue
+            w = (moved[k][0].mean(0) + 1).double().numpy()
+            got = (w * np.arange(S)).sum() / w.sum(), (w * np.arange(S)[:, None]).sum() / w.sum()
+            assert np.abs(np.array(got) - want).max() < 0.1, (k, s, deg, dx, dy, got, want)
+        assert moved["I_s"].abs().max() <= 1 and torch.equal(b["lm_s"], torch.tensor([[(20.0, 10.0)] * 68]))
+    # the moves are a pure function of (seed, step), within the bounds, over their whole range
+    m = extras.augment.moves(0, 3, 1000)
+    assert torch.equal(m, extras.augment.moves(0, 3, 1000)) and not torch.equal(m, extras.augment.moves(0, 4, 1000))
+    assert m[:, 0].log().abs().max() <= math.log(1.1) + 1e-6 and m[:, 1].abs().max() <= math.radians(15) + 1e-6
+    assert m[:, 2:].abs().max() <= 0.05 and m[:, 1].abs().max() > math.radians(14.9)
+
+
 TINY_TRAIN = ["--ngf", "8", "--vgg", "random", "--vgg-widths", "4", "4", "8", "8", "8", "--batch-size", "4", "--device", "cpu"]
 
 
@@ -1256,7 +1389,7 @@ def test_training_writes_outputs_and_lowers_pixel_loss(blobs, tmp_path):
     assert not np.array_equal(first[18:, 256:384], last[18:, 256:384])
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["vgg"] == "random"
-    assert cfg["lambdas"] == {"adv": 1, "pix": 10, "self": 100, "triple": 100, "pp": 10, "id": 1}
+    assert cfg["lambdas"] == PAPER_LAMBDAS
     G, cfg2 = networks.load_generator(out)
     assert cfg2["step"] == 40 and not G.training
 
@@ -1292,6 +1425,39 @@ def test_resume_refuses_changed_model(blobs, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         facesynth.main(["train", "--resume", out, "--ngf", "16"])
     assert e.value.code == 2 and "cannot change --ngf when resuming" in capsys.readouterr().err
+
+
+def test_init_starts_a_new_run_from_another_runs_weights(blobs, tmp_path, monkeypatch, capsys):
+    """--init RUN: the new run's first step starts from RUN's G and D exactly, with fresh optimisers (no
+    Adam state), RUN's architecture (--output too) and its own schedule, folder, --lr-decay and --augment;
+    config.json records where it started. A typed architecture option that differs from RUN's is one line."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run_train("--data", blobs, "--out", a, "--steps", "3", "--output", "warp")
+    saved, seen, real = torch.load(os.path.join(a, "ckpt.pt")), [], facesynth.train_step
+
+    def first_step(G, D, vgg, opt_G, opt_D, *rest, **k):
+        if not seen:
+            seen.append(({n: v.clone() for n, v in G.state_dict().items()}, {n: v.clone() for n, v in D.state_dict().items()},
+                         opt_G.state_dict()["state"], opt_D.state_dict()["state"]))
+        return real(G, D, vgg, opt_G, opt_D, *rest, **k)
+
+    moved, move = [], extras.augment.move_triplets
+    monkeypatch.setattr(facesynth, "train_step", first_step)
+    monkeypatch.setattr(extras.augment, "move_triplets", lambda b, m: moved.append(m) or move(b, m))
+    run_train("--data", blobs, "--out", b, "--steps", "4", "--init", a, "--lr-decay", "--augment", "--log-every", "1")
+    assert len(moved) == 4 and all(m.shape == (4, 4) for m in moved)  # --augment: every step's batch moved
+    (G0, D0, state_G, state_D), ckpt = seen[0], torch.load(os.path.join(b, "ckpt.pt"))
+    for net, start in (("G", G0), ("D", D0)):
+        assert start.keys() == saved[net].keys() and all(torch.equal(start[n], saved[net][n]) for n in start)
+    assert state_G == state_D == {} and ckpt["step"] == 4 and ckpt["args"]["output"] == "warp"
+    assert json.load(open(os.path.join(b, "config.json")))["init"] == {"run": a, "step": 3}
+    # --lr-decay over 4 steps: the step after 3 of them runs at 2 (4 - 3) / 4 = half the rate
+    assert [float(r["lr_G"]) for r in read_log(b)] == pytest.approx([2e-4, 2e-4, 2e-4, 1e-4])
+    for typed, theirs in ((["--ngf", "16"], "--ngf 8, not 16"), (["--output", "flow"], "--output warp, not flow")):
+        with pytest.raises(SystemExit) as e:
+            facesynth.main(["train", "--data", blobs, "--out", str(tmp_path / "c"), "--init", a, *TINY_TRAIN, *typed])
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"error: --init {a}: its run has {theirs}; leave the option out to take the run's\n")
 
 
 def test_corrupted_checkpoint_is_a_clear_error(tmp_path, capsys):
@@ -1814,7 +1980,7 @@ def test_resume_restores_every_tensor_across_an_epoch_boundary(blobs, uninterrup
 
 def test_training_uses_the_papers_settings(uninterrupted):
     ck = torch.load(os.path.join(uninterrupted, "ckpt.pt"))
-    assert ck["lambdas"] == {"adv": 1, "pix": 10, "self": 100, "triple": 100, "pp": 10, "id": 1}
+    assert ck["lambdas"] == PAPER_LAMBDAS
     assert ck["args"]["sigma"] == 1.0 and ck["args"]["window"] == 7
     (gG,), (gD,) = ck["opt_G"]["param_groups"], ck["opt_D"]["param_groups"]
     assert gG["lr"] == pytest.approx(2e-4) and gD["lr"] == pytest.approx(5e-5)  # Adam, G 2e-4, D 5e-5
@@ -1971,22 +2137,20 @@ def make_dataset(root, n_videos=3, n_frames=6, seed=0):
 
 
 def make_run(run, root, seed=0, ablate=(), n_log=30):
-    """A run folder as facesynth.train leaves it, with an untrained tiny G (ngf 4)."""
+    """A run folder as facesynth.train leaves it, with an untrained tiny G (ngf 4): its checkpoint, and its
+    config.json and log.csv written by train's own writers (start_outputs, log_row)."""
     torch.manual_seed(seed)
-    os.makedirs(run)
     args = {"data": str(root), "size": S, "ngf": 4, "n_down": 3, "sigma": 1.0, "window": 7, "seed": seed}
-    lam = {t: (0.0 if t in ablate else w) for t, w in zip(TERMS, (1, 10, 100, 100, 10, 1))}
+    lam = {t: (0.0 if t in ablate else w) for t, w in PAPER_LAMBDAS.items()}
     G = networks.Generator(ngf=4, n_down=3)
-    ckpt = {"G": G.state_dict(), "args": args, "step": n_log * 10, "lambdas": lam, "vgg": "random"}
-    torch.save(ckpt, run / "ckpt.pt")
-    (run / "config.json").write_text(json.dumps({"args": args, "lambdas": lam, "vgg": "random"}))
+    networks.save_checkpoint(str(run / "ckpt.pt"), {"G": G.state_dict(), "args": args, "step": n_log * 10,
+                                                    "lambdas": lam, "vgg": "random"})
+    extras.runs.start_outputs(str(run), {"args": args, "lambdas": lam, "vgg": "random"}, 0)
     rng = np.random.default_rng(seed)
-    with open(run / "log.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "epoch", "time", "triplets_per_s"] + [f"L_{t}" for t in TERMS] + ["L_G", "L_D"])
-        for i in range(n_log):
-            vals = [("" if t in ablate else f"{rng.uniform(0.5, 1.5) / (i + 1) ** 0.3:.5g}") for t in TERMS]
-            w.writerow([10 * (i + 1), i / 10, i, 5.0] + vals + [f"{50 / (i + 1) ** 0.3:.5g}", "0.69"])
+    for i in range(n_log):
+        vals = {t: rng.uniform(0.5, 1.5) / (i + 1) ** 0.3 for t in TERMS if t not in ablate}
+        extras.runs.log_row(str(run / "log.csv"), 10 * (i + 1), 100, i, 5.0, {**vals, "G": 50 / (i + 1) ** 0.3,
+                                                                           "D": 0.69}, (2e-4, 5e-5))
     return run
 
 
@@ -2218,6 +2382,79 @@ def test_nan_landmarks_stop_evaluation_with_one_line(setup, tmp_path, capsys, cm
     assert not os.path.exists(tmp_path / "o" / "heatmaps.png")
 
 
+def ramp_dataset(root):
+    """One video of two 16-px frames: a ramp, 10 x its column, and the same ramp moved 2 px right (its
+    first two columns repeating its edge, 0), with the 68 landmarks moved alike."""
+    ramp = np.repeat(np.repeat((10 * np.arange(16)).astype(np.uint8)[None, :, None], 16, 0), 3, 2)
+    moved = ramp.copy()
+    moved[:, 2:], moved[:, :2] = ramp[:, :-2], 0
+    lm = np.stack(np.meshgrid(np.linspace(3, 11, 17), np.linspace(4, 10, 4)), -1).reshape(68, 2).astype(np.float32)
+    os.makedirs(root / "v")
+    np.save(root / "v" / "frames.npy", np.stack([ramp, moved]))
+    np.save(root / "v" / "landmarks.npy", np.stack([lm, lm + (2, 0)]))
+    (root / "split.json").write_text(json.dumps({"train": ["v"], "test1": ["v"]}))
+    (root / "prepare.json").write_text(json.dumps({"size": 16, "crop_scale": 1.8}))
+    return ramp, moved, lm
+
+
+def test_the_floor_by_hand_on_a_pure_translation(tmp_path):
+    """copy and warp on a 2-px shift. |ramp - moved| is 0, 10, then 20 in its 14 other columns: copy's
+    L1 is (0 + 10 + 14 x 20) / 16 = 18.125 either way. warp moves the source's pixels with its landmarks
+    (a thin-plate spline through a pure translation is that translation): ramp -> moved is exact (its
+    repeated edge is the border rule's), moved -> ramp is exact inside and off only where it reads past
+    the last column, 140 and 150 drawn as 130: L1 (10 + 20) / 16 = 1.875."""
+    ramp, moved, lm = ramp_dataset(tmp_path / "ramp")
+    copy, warp = extras.yardsticks.draw("copy"), extras.yardsticks.draw("warp")
+    src, src_lm, tgt_lm = np.stack([ramp, moved]), np.stack([lm, lm + (2, 0)]), np.stack([lm + (2, 0), lm])
+    tgt = np.stack([moved, ramp])
+    assert np.array_equal(copy(src, src_lm, tgt_lm), src)
+    drawn = warp(src, src_lm, tgt_lm)
+    assert np.array_equal(drawn[0], moved) and np.array_equal(drawn[1][:, :14], ramp[:, :14])
+    assert evaluate.scores(copy(src, src_lm, tgt_lm), tgt)["L1"] == pytest.approx([18.125, 18.125])
+    assert evaluate.scores(drawn, tgt)["L1"] == pytest.approx([0, 1.875])
+    # through metrics: rows named copy and warp, scored on the run's own pairs
+    run = make_run(tmp_path / "run", tmp_path / "ramp")
+    ckpt = torch.load(run / "ckpt.pt")
+    ckpt["args"]["size"] = 16
+    torch.save(ckpt, run / "ckpt.pt")
+    m = evaluate.metrics([str(run)], n_pairs=8)
+    assert m["baselines"]["copy"]["pairs"]["L1"] == pytest.approx([18.125] * 8)
+    assert set(np.round(m["baselines"]["warp"]["pairs"]["L1"], 6)) <= {0, 1.875}
+    assert m["baselines"]["warp"]["summary"]["L1"][0] < 1.875
+
+
+def test_motion_thirds_by_hand():
+    """Six pairs on a 10 x 10 face moved 1 .. 6 px right: motion (mean displacement / face size) 0.1 ..
+    0.6. numpy's quantiles interpolate linearly between order statistics: 1/3 -> 0.1 + (5/3) 0.1,
+    2/3 -> 0.1 + (10/3) 0.1. So the thirds are {0.1, 0.2}, {0.3, 0.4}, {0.5, 0.6}, and a score equal to
+    the motion (x10) averages 1.5, 3.5 and 5.5 over them."""
+    face = np.stack(np.meshgrid(np.linspace(0, 10, 17), np.linspace(0, 10, 4)), -1).reshape(68, 2)
+    src = np.repeat(face[None], 6, 0)
+    tgt = src + np.arange(1, 7)[:, None, None] * np.array([1.0, 0.0])
+    m = extras.yardsticks.motion(src, tgt)
+    np.testing.assert_allclose(m, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    edges, masks = extras.yardsticks.thirds(m)
+    assert edges == pytest.approx([0.1 + 5 / 30, 0.1 + 10 / 30])
+    assert [list(np.flatnonzero(masks[k])) for k in ("small", "medium", "large")] == [[0, 1], [2, 3], [4, 5]]
+    summary, count = extras.yardsticks.summarise({"L1": 10 * m, "flicker": m}, {"": m}, evaluate.mean_ci)
+    assert [summary[f"L1_{k}"][0] for k in ("small", "medium", "large")] == pytest.approx([1.5, 3.5, 5.5])
+    assert count["L1_large"] == 2 and "flicker_large" not in summary  # thirds for L1/PSNR/SSIM only
+
+
+def test_a_short_runs_terminal_table_fits_in_100_columns(blobs, tmp_path, capsys):
+    """A real 3-step run's table: long numbers such as 0.0389±0.00086 once pushed it to 143 characters.
+    Every line fits in 100, and it shows the floor's rows and the large third."""
+    run = str(tmp_path / "run")
+    run_train("--data", blobs, "--out", run, "--steps", "3", "--output", "warp")  # G gets the landmarks of both
+    capsys.readouterr()
+    evaluate.main(["metrics", "--runs", run, "--out", str(tmp_path / "eval"), "--n", "20"])
+    lines = capsys.readouterr().out.replace("\r", "\n").splitlines()
+    table = lines[lines.index(next(l for l in lines if l.startswith("run "))):-1]  # the last: "wrote PATHS"
+    assert max(map(len, table)) <= 100, "\n".join(l for l in table if len(l) > 100)
+    assert table[0].split()[:8] == ["run", "L1", "L1_large", "SSIM", "SSIM_large", "PSNR", "PSNR_large", "flicker"]
+    assert [l.split()[0] for l in table[2:5]] == ["copy", "warp", "run"]
+
+
 def test_a_failed_write_leaves_no_partial_file(setup, tmp_path):
     path, noise = tmp_path / "figs" / "a.png", np.random.default_rng(0).integers(0, 256, (100, 100, 3))
     evaluate.write_png(path, np.zeros((4, 4), np.uint8))
@@ -2288,7 +2525,7 @@ def test_metrics_on_synthetic_set(synthetic, monkeypatch):
     truth = {lm.tobytes(): img for v in videos for lm, img in zip(v["landmarks"], v["frames"])}
     truth.update({lm.tobytes(): img for lm, img in zip(t["lm"], t["img"])})
     blank = np.zeros_like(videos[0]["frames"][0])
-    perfect = lambda G, cfg, src, lms, **k: np.stack([truth.get(np.asarray(l).tobytes(), blank) for l in lms])
+    perfect = lambda G, cfg, src, lms, src_lm=None, **k: np.stack([truth.get(np.asarray(l).tobytes(), blank) for l in lms])
     monkeypatch.setattr(networks, "generate", perfect)
     m = evaluate.metrics([str(run)], n_pairs=8)
     pairs, cap = m["runs"][str(run)]["pairs"], 10 * np.log10(255 ** 2 / 1e-10)
@@ -2328,7 +2565,7 @@ def ckpt(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("run") / "ckpt.pt")
     networks.save_checkpoint(path, {"G": networks.Generator(ngf=4).state_dict(), "step": 0, "vgg": "random",
                                      "args": {"ngf": 4, "n_down": 4, "size": SIZE, "sigma": 1.0, "window": 7, "data": None},
-                                     "lambdas": losses.LAMBDAS})
+                                     "lambdas": PAPER_LAMBDAS})
     return path
 
 
@@ -2596,14 +2833,21 @@ def test_a_prepared_driver_is_checked_and_given_landmarks_win_for_its_frame(ckpt
 
 
 def test_report(tmp_path, monkeypatch):
+    """REPORT.md: the group table with the floor's rows, the differences from full with their p-values,
+    the figures. `same` holds copies of full's runs: every pair's difference is 0, so every sign flip's
+    sum is 0 too and the sign-flip test's p is (1 + N) / (N + 1) = 1 exactly, in every cell."""
     monkeypatch.setitem(sys.modules, "dlib", None)  # the face judge (~0.3 s a pair) is tested on its own
     root = make_dataset(tmp_path / "prep")
     groups = {"full": [make_run(tmp_path / "r" / "full" / f"s{s}", root, s) for s in (0, 1)],
               "no_pix": [make_run(tmp_path / "r" / "no_pix" / f"s{s}", root, s + 2, ("pix",)) for s in (0, 1)]}
+    groups["same"] = [shutil.copytree(r, tmp_path / "r" / "same" / r.name) for r in groups["full"]]
     groups = {g: [str(r) for r in rs] for g, rs in groups.items()}
     path = extras.ablation.write_report(groups, str(tmp_path / "rep"), n_pairs=10)
     text = open(path).read()
-    assert "| full | 2 |" in text and "| no_pix |" in text and "p=" in text
+    assert "| full | 2 |" in text and "| no_pix |" in text and "| copy | - |" in text and "| warp | - |" in text
+    same = next(line for line in text.splitlines() if line.startswith("| same |") and "p=" in line)
+    cells = same.strip("| ").split(" | ")[1:]
+    assert len(cells) >= 7 and all(c == "+0 (p=1)" for c in cells), same  # L1 ... flicker, and the _large ones
     for link in ("loss_bars.png", "loss_curves.png", "heatmaps.png"):
         assert f"]({link})" in text and os.path.isfile(tmp_path / "rep" / link)
 
@@ -2772,7 +3016,9 @@ def test_prepare_plain_videos_then_train(astronaut, tmp_path):
     shutil.copy(src / "a.mp4", src / "a.mpg")  # the name a is a.mp4's, the first by file name
     (src / "notes.txt").write_text("not a video")
     logs = []
-    s = data.prepare(src, out, size=32, workers=2, log=logs.append, **extras.landmarks.plain_videos(src))
+    videos, skipped = extras.landmarks.plain_videos(src)
+    s = data.prepare(src, out, size=32, workers=2, log=logs.append, videos=videos,
+                     landmarks=extras.landmarks.usable_landmarks, skipped=skipped)
     assert sorted(logs[:-1]) == sorted([
         "skip a.mpg: the name a is already a.mp4's (rename one)",
         f"c: {src / 'c.gif'}: no face found in 1 of 12 frames; those are left out",

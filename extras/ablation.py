@@ -54,10 +54,10 @@ def write_report(groups, out_dir, split=None, data_root=None, n_pairs=N_EVAL, se
     text = [f"# Ablation report\n\nSplit `{m['split']}`, {n_pairs} source/target pairs (seed {seed}), the "
             f"same for every run; judge: {m['judge']}. L1: mean |generated - target|, 0-255 (lower is "
             "better); PSNR: dB; SSIM: 11x11 Gaussian; _large: over the third of the pairs that move most. "
-            "`copy` and `warp` are the floor, no training (extras/yardsticks.py). Synthetic set: x_ = identity "
-            "A driven by B's pose/expression vs its rendered truth, xabs_ = conditioned on B's own landmarks "
-            "instead (the paper's use), leak_ = share of B's glasses/beard pixels copied onto A (lower is "
-            "better; see extras/synthetic.py: leak_score).\n",
+            "`copy` and `warp` are the floor, no training (extras/yardsticks.py). Synthetic set: x_ = "
+            "identity A driven by B's pose/expression vs its rendered truth, xabs_ = conditioned on B's own "
+            "landmarks instead (the paper's use), leak_ = share of B's glasses/beard pixels copied onto A "
+            "(lower is better; see extras/synthetic.py: leak_score).\n",
             "## Groups: mean over seeds [95 % t-interval over seeds; over pairs for a single seed]\n",
             table(["group", "seeds"] + keys, floor + [[g, str(len(rs))] + [cell(rs, k) for k in keys]
                                                       for g, rs in groups.items()])]

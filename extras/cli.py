@@ -1,8 +1,8 @@
 """The command line's plumbing, shared by facesynth.py, evaluate.py and the extras: every expected
 failure as one `error:` line (fail, one_line_errors), argparse that shows defaults and suggests the
-nearest option for a typo (ArgParser), checked numbers (number), and output locations checked before
-any computing (writable), evaluate's default run (latest_run) and its terminal table (short_table). The
-paper's code had none of it: a bad option was a traceback hours in.
+nearest option for a typo (ArgParser), checked numbers (number), output locations checked before any
+computing (writable), evaluate's default run (latest_run), short run names (labels) and its terminal
+table (short_table). The paper's code had none of it: a bad option was a traceback hours in.
 """
 import argparse
 import contextlib
@@ -113,6 +113,14 @@ def given_options(parser, argv):
     into a namespace whose every option is already None, which argparse then leaves alone unless typed."""
     typed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(parser.parse_args(argv)))))
     return {k for k, v in vars(typed).items() if v is not None}
+
+
+def labels(run_dirs):
+    """Short unique run names: the paths below their common folder (runs/abl/full/s0 -> full-s0)."""
+    paths = [os.path.abspath(r) for r in run_dirs]
+    base = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+    return [os.path.relpath(p, base).replace(os.sep, "-") if p != base else os.path.basename(p)
+            for p in paths]
 
 
 def latest_run(root="runs"):

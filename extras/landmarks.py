@@ -159,10 +159,9 @@ def detect_video(vid, n=None, show=False):
 
 
 def plain_videos(src):
-    """What `data.prepare` takes from SRC beside its 300VW folders, as its keyword arguments: "videos",
-    SRC's video files (NAME.mp4, ...) named by their stem, {name: file}; "landmarks", the
-    picklable reader of their landmarks; "skipped", {file: skip line} for a file whose name a folder or
-    an earlier file has. Video files without dlib: the DataError that says what to install, at once."""
+    """SRC's video files (NAME.mp4, ...), which `prepare` takes beside its 300VW folders with their
+    landmarks from usable_landmarks. Returns ({NAME: its file}, {file: skip line} for a file whose name a
+    folder or an earlier file has). Video files without dlib: the DataError that says what to install."""
     entries = sorted(d for d in os.listdir(src) if d[0] != ".") if os.path.isdir(src) else []
     taken = {d: d for d in entries if os.path.isdir(os.path.join(src, d))}
     videos, skipped = {}, {}
@@ -178,7 +177,7 @@ def plain_videos(src):
         except DataError as e:
             raise DataError(f"{src}: its {len(videos)} plain video(s) have no landmarks to read, "
                             f"and {e}") from None
-    return {"videos": videos, "landmarks": usable_landmarks, "skipped": skipped}
+    return videos, skipped
 
 
 def usable_landmarks(vid):

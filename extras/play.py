@@ -299,7 +299,7 @@ class Player:
         lm, truth = self.moved(src, job["sliders"])
         cond = lm + offsets
         t1 = time.perf_counter()
-        gen = generate(self.G, self.run, src["image"][None], cond[None])[0]
+        gen = generate(self.G, self.run, src["image"][None], cond[None], src["lm"][None])[0]
         t2 = time.perf_counter()
         out = {"lm": np.round(lm, 3).tolist(), "image": data_url(gen)}
         if job["heatmaps"]:

@@ -210,7 +210,7 @@ def drive(G, cfg, src, drv, relative, neutral=0, crop_scale=None):
     out["landmarks"] = np.concatenate([to_uint8(heatmap_picture(torch.as_tensor(cond[i:i + 64]), size,
                                                                          a["sigma"], a["window"]))
                                        for i in range(0, T, 64)])
-    out["generated"] = generate(G, cfg, out["source"], cond, label="reenact")
+    out["generated"] = generate(G, cfg, out["source"], cond, np.repeat(src_uv[None], T, 0), label="reenact")
     if src.get("identity") and drv["motion"]:  # synthetic: the source identity really doing the motion
         truth = [synthetic.render_face(src["identity"], p, e) for p, e in drv["motion"][:T]]
         gt_lms = np.stack([lm for _, lm in truth])

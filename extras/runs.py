@@ -1,10 +1,13 @@
-"""A run folder's life, which the paper's code never managed: one owner at a time (a lock), what a
+"""A run's life, which the paper's code never managed: its folder's one owner at a time (a lock), what a
 resume may change, a new run that starts from another's weights (--init), a stop on a signal that
-saves first, and the VGG-19 weights fetched once into torch's cache. `facesynth.py train` calls these
+saves first, its processes under torchrun (their group, their agreements, their weights compared at
+the end), and the VGG-19 weights fetched once into torch's cache. `facesynth.py train` calls these
 around its loop; the networks themselves know nothing of files, locks, signals or the internet.
 """
 import contextlib
+import csv
 import fcntl
+import gc
 import http.client
 import os
 import re
@@ -18,7 +21,9 @@ import urllib.request
 import torch
 import torch.distributed as dist
 
-from data import DataError, progress, writing
+from data import DataError, progress, read_prepared, write_json, writing
+from extras import synthetic
+from losses import TERMS
 from networks import TRAIN_KEYS, checkpoint_file, load_checkpoint
 
 # What --resume may change: the schedule (it sticks from then on), and this session's own settings.
@@ -102,6 +107,34 @@ def own_run(out, resume=None):
         os.close(fd)
 
 
+# ----------------------------------------------------------------------------- its files
+LOG_FIELDS = (["step", "epoch", "time", "triplets_per_s"] + [f"L_{t}" for t in TERMS]
+              + ["L_G", "L_D", "lr_G", "lr_D"])
+
+
+def start_outputs(out, config, start):
+    """The run folder: samples/, config.json, and a fresh log.csv, or on resume its rows up to the
+    checkpoint's step (later ones are redone)."""
+    write_json(os.path.join(out, "config.json"), config)
+    path, rows = os.path.join(out, "log.csv"), []
+    if start and os.path.isfile(path):  # a row cut short (a kill mid-write) is dropped
+        with open(path, newline="") as f:
+            head, *rows = list(csv.reader(f)) or [[]]
+            rows = [r for r in rows if len(r) == len(head) and r[0].isdigit() and int(r[0]) <= start]
+    with writing(path) as tmp, open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows([LOG_FIELDS] + rows)
+
+
+def log_row(path, step, per_epoch, seconds, rate, vals, lrs):
+    """A row of log.csv: the step, its epoch, training seconds so far, triplets/s, every raw term (blank
+    where not measured), L_G, L_D and the learning rates."""
+    row = [step, f"{step / per_epoch:.3f}", f"{seconds:.1f}", f"{rate:.2f}"]
+    row += [f"{vals[t]:.5g}" if t in vals else "" for t in TERMS]
+    row += [f"{vals[k]:.5g}" if k in vals else "" for k in ("G", "D")] + [f"{lr:.6g}" for lr in lrs]
+    with open(path, "a", newline="") as f:
+        csv.writer(f).writerow(row)
+
+
 # ----------------------------------------------------------------------------- where a run starts
 def resumed(args, given):
     """--resume -> (this session's options, the run's options to save, the checkpoint). `given`: the
@@ -131,6 +164,62 @@ def initialised(args, given):
             f"--{k.replace('_', '-')} {theirs[k]}" for k in clash) + ", not " + ", ".join(
             f"{args[k]}" for k in clash) + "; leave the option out to take the run's")
     return {**args, **theirs}, ckpt
+
+
+# ----------------------------------------------------------------------------- its processes
+def world_size():
+    """How many processes train together: torchrun's WORLD_SIZE, 1 for a plain `python facesynth.py`."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def setup_distributed(device):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python facesynth.py` is one process. Returns
+    (rank, world, device, group): group is a gloo group for the ranks' CPU tensors (beside NCCL's)."""
+    if world_size() == 1:
+        return 0, 1, device, None
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device, dist.new_group(backend="gloo")
+
+
+def training_data(root, main_rank, world, init=None):
+    """{"data": the prepared dataset to train on, "size": its image size}: `root` (--data), or the built-in
+    synthetic set, built once by rank 0 while the other ranks wait. A run that starts from `init`'s
+    weights must train at the size that run trained at."""
+    if root is None:
+        box = [synthetic.ensure_synthetic(synthetic.SYNTH_CACHE) if main_rank else None]
+        if world > 1:
+            dist.broadcast_object_list(box)
+        root = box[0]
+    size = read_prepared(root)["size"]
+    if init and init["args"]["size"] != size:
+        raise DataError(f"--init: its run was trained at {init['args']['size']} px, {root} is {size} px; "
+                        "prepare the data at that size (prepare --size)")
+    return {"data": root, "size": size}
+
+
+def ranks_agree(G, D, world, device, log):
+    """DDP's promise, checked at the end: every rank holds the same weights (one process: none to check)."""
+    if world == 1:
+        return
+    sums = torch.stack([sum(p.double().sum() for p in m.parameters()) for m in (G, D)]).to(device)
+    every = [torch.zeros_like(sums) for _ in range(world)]
+    dist.all_gather(every, sums)
+    same = all(torch.equal(every[0], s) for s in every)
+    log(f"{world} ranks identical: {same}")
+    if not same:
+        raise FloatingPointError("ranks drifted apart: their weights differ")
+
+
+def part(world):
+    """The ranks' end, once the caller has dropped its DDP wrappers: collected now, then the process group
+    destroyed. Left to the interpreter's exit, the wrappers' cycles kept gloo's worker threads busy late,
+    and they aborted a finished run now and then (docs/training.md)."""
+    if world > 1:
+        gc.collect()
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- stopping on a signal
@@ -188,7 +277,7 @@ def _online(host, timeout):
 
 
 def _download(url, dest, log):
-    """Fetch `url` into `dest`, whole or not at all (a partial file must never look like a good cache entry)."""
+    """Fetch `url` into `dest`, whole or not at all: a partial file must never look like a cached one."""
     host = urllib.parse.urlsplit(url).hostname or ""
     if not _online(host, VGG_TIMEOUT):
         raise OSError(f"cannot resolve {host}")

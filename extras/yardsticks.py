@@ -10,63 +10,28 @@ A G that loses to `copy` has learned less than doing nothing; one that loses to 
 the source's pixels along its own landmarks. evaluate.py scores both on exactly a run's pairs.
 """
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from data import face_size
 from extras import landmarks, synthetic
+from networks import tps_grid
 
 BASELINES = ("copy", "warp")
 THIRDS = ("small", "medium", "large")
-TPS_SMOOTH = 1e-6  # the spline's regulariser, relative to its kernel's scale: coinciding landmarks
-                   # (a closed eye, a shut mouth) would leave its system singular without one
-
-
-def _tps_kernel(r2):
-    """The thin-plate spline's radial function U = r² log r², with U(0) = 0."""
-    return np.where(r2 > 0, r2 * np.log(np.maximum(r2, 1e-300)), 0.0)
-
-
-def tps_map(to, frm):
-    """The thin-plate spline f with f(to_i) = frm_i for the 68 points (float64 (68,2) each), as a function
-    of (..., 2) points. f = affine + sum_i w_i U(|x - to_i|): of all maps through the points, the one
-    that bends least (Bookstein 1989); a motion the points make affine (a shift, a turn, a zoom), it
-    makes exactly."""
-    n = len(to)
-    K = _tps_kernel(((to[:, None] - to[None]) ** 2).sum(-1))
-    P = np.hstack([np.ones((n, 1)), to])
-    A = np.zeros((n + 3, n + 3))
-    A[:n, :n] = K + TPS_SMOOTH * max(np.abs(K).mean(), 1.0) * np.eye(n)
-    A[:n, n:], A[n:, :n] = P, P.T
-    coef = np.linalg.lstsq(A, np.vstack([frm, np.zeros((3, 2))]), rcond=None)[0]
-    w, a = coef[:n], coef[n:]
-
-    def f(x):
-        U = _tps_kernel(((x[..., None, :] - to) ** 2).sum(-1))
-        return a[0] + x @ a[1:] + U @ w
-    return f
-
-
-def sample(image, xy):
-    """Bilinear samples of a uint8 (S,S,3) image at pixel-centre coordinates xy (...,2); a point outside
-    takes the nearest edge pixel (THE crop's rule: edges are repeated, nothing is black)."""
-    S = image.shape[0]
-    x, y = (np.clip(xy[..., k], 0, S - 1) for k in (0, 1))
-    x0, y0 = (np.minimum(np.floor(v).astype(int), S - 2) for v in (x, y))
-    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
-    im = image.astype(np.float64)
-    top = im[y0, x0] * (1 - fx) + im[y0, x0 + 1] * fx
-    bottom = im[y0 + 1, x0] * (1 - fx) + im[y0 + 1, x0 + 1] * fx
-    return top * (1 - fy) + bottom * fy
 
 
 def warp(sources, src_lm, tgt_lm):
     """The `warp` floor: uint8 sources (N,S,S,3) warped so that their landmarks (N,68,2) land on the
-    targets' (N,68,2). Every output pixel x takes the source's colour at f(x), f the thin-plate spline
-    through the 68 (target -> source) pairs; where f(x) leaves the source crop, its nearest edge pixel."""
-    S = sources.shape[1]
-    grid = np.stack(np.meshgrid(np.arange(S), np.arange(S), indexing="xy"), -1).astype(np.float64)
-    out = [sample(im, tps_map(np.asarray(t, np.float64), np.asarray(s, np.float64))(grid))
-           for im, s, t in zip(sources, src_lm, tgt_lm)]
-    return np.clip(np.round(np.stack(out)), 0, 255).astype(np.uint8) if out else sources.copy()
+    targets' (N,68,2). Each output pixel takes the source's colour, bilinear, where the thin-plate spline
+    through the 68 landmark pairs sends it (networks.tps_grid, which G's "warp" output starts from);
+    where that leaves the source crop, its nearest edge pixel (THE crop's rule: edges repeat)."""
+    if not len(sources):
+        return np.asarray(sources).copy()
+    images = torch.as_tensor(np.asarray(sources)).permute(0, 3, 1, 2).float()
+    grid = tps_grid(np.asarray(src_lm), np.asarray(tgt_lm), images.shape[-1])
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def draw(name):
@@ -77,8 +42,8 @@ def draw(name):
 
 def generate_fn(G, cfg, generate):
     """A run's G drawn as a baseline is: f(sources, their landmarks, target landmarks, label) -> images
-    (networks.generate: G is given only the targets', as the paper's G is)."""
-    return lambda src, src_lm, lm, label=None: generate(G, cfg, src, lm, label=label)
+    (networks.generate: the paper's G is given only the targets', a "warp" G both)."""
+    return lambda src, src_lm, lm, label=None: generate(G, cfg, src, lm, src_lm, label=label)
 
 
 def motion(src_lm, tgt_lm):
