@@ -448,8 +448,8 @@ def main(argv=None):
             ("grid", "Fig. 1 per run: source, target landmarks (as G gets them), generated, warp, target"),
             ("losses", "Fig. 3 (each weighted loss term at the end), Fig. 4 (over training), from log.csv"),
             ("metrics", "L1 / PSNR / SSIM on held-out pairs with 95 % intervals, on all pairs and by "
-                        "motion third, beside the floor (copy, warp); on the synthetic set, cross-identity"
-                        " scores and identity leak; flicker. A short table; all in OUT/metrics.md, .csv, .json")):
+                        "motion third, beside the floor (copy, warp); on the synthetic set, cross-identity "
+                        "scores and identity leak; flicker. A short table, the full one in OUT/metrics.md")):
         s = sub.add_parser(cmd, help=about.replace("%", "%%"), description=about)  # help is %-formatted
         s.add_argument("--runs", nargs="+", help="run folders (default: the run under runs/ trained last)")
         s.add_argument("--out", default="eval", help="output folder")
