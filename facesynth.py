@@ -75,11 +75,12 @@ def generator_passes(G, I_s, e_s, e_m, e_t, cycle=True, fused=True, grids=None):
     return fake, mid, cyc, tri
 
 
-def warp_grids(b, size):
-    """G's "warp" bases for the four passes: the thin-plate spline from the landmarks of each pass's
-    image to those it is asked for (s -> t, s -> m; Î_t has t's, so t -> s; G(I_s; e_m) has m's, m -> t)."""
+def warp_grids(b, size, cycle=True):
+    """G's "warp" bases for its passes: the thin-plate spline from the landmarks of each pass's image to
+    those it is asked for: s -> t; for the cycles s -> m, t -> s (Î_t has t's), m -> t (G(I_s; e_m) m's)."""
     lm = {"s": b["lm_s"], "m": b["lm_m"], "t": b["lm_t"]}
-    return {k: networks.tps_grid(lm[k[0]], lm[k[1]], size) for k in ("st", "sm", "ts", "mt")}
+    passes = ("st", "sm", "ts", "mt") if cycle else ("st",)
+    return {k: networks.tps_grid(lm[k[0]], lm[k[1]], size) for k in passes}
 
 
 def generator_terms(D, vgg, b, want, fake, cyc, e_t, tri, amp):
@@ -120,7 +121,7 @@ def train_step(G, D, vgg, opt_G, opt_D, b, lam, hm, fused=True, amp=False, warp=
     e_s, e_m, e_t = conditions(b, hm)
     want = [t for t in TERMS if lam[t] > 0]
     cycle = "self" in want or "triple" in want  # the consistency passes only for a run that trains on them
-    grids = warp_grids(b, hm["size"]) if warp else None
+    grids = warp_grids(b, hm["size"], cycle) if warp else None
     fake, _, cyc, tri = generator_passes(G, b["I_s"], e_s, e_m, e_t, cycle, fused, grids)
     out = {}
     if lam["adv"] > 0:  # with λ_adv = 0 G never sees D: D is neither run nor trained

@@ -156,20 +156,21 @@ def tps_grid(src_lm, tgt_lm, size):
     """Where each pixel of a size x size target reads its source, as grid_sample's (B,S,S,2) coordinates:
     the thin-plate spline f with f(tgt_i) = src_i through the 68 landmarks (B,68,2, 0-based pixel
     centres), f(x) = a + A x + sum_i w_i U(|x - tgt_i|), U(r) = r² log r². Of all maps through the points
-    it bends least (Bookstein 1989); a shift, turn or zoom of the points it makes exactly. Solved in
-    float64, whose 71 x 71 systems are cheap on any device."""
+    it bends least (Bookstein 1989); a shift, turn or zoom of the points it makes exactly. The small
+    71 x 71 systems are solved in float64; the map at every pixel is a matrix product in float32."""
     p, q = (torch.as_tensor(lm).to(torch.float64) for lm in (tgt_lm, src_lm))
-    U = lambda d2: torch.where(d2 > 0, d2 * torch.log(d2.clamp_min(1e-300)), torch.zeros_like(d2))
+    U = lambda d2: d2 * torch.log(d2.clamp_min(1e-12))  # r² log r², 0 at r = 0
     B, n = p.shape[:2]
     K = U(((p[:, :, None] - p[:, None]) ** 2).sum(-1))
     K = K + TPS_SMOOTH * K.abs().mean((1, 2), keepdim=True).clamp_min(1) * torch.eye(n).to(K)
     P = torch.cat([torch.ones_like(p[..., :1]), p], -1)
     A = torch.cat([torch.cat([K, P], 2), torch.cat([P.transpose(1, 2), P.new_zeros(B, 3, 3)], 2)], 1)
-    coef = torch.linalg.solve(A, torch.cat([q, q.new_zeros(B, 3, 2)], 1))
-    c = torch.arange(size, dtype=torch.float64, device=p.device)
-    x = torch.stack(torch.meshgrid(c, c, indexing="xy"), -1).reshape(1, -1, 2)  # every pixel centre
-    f = U(((x[:, :, None] - p[:, None]) ** 2).sum(-1)) @ coef[:, :n] + coef[:, n, None] + x @ coef[:, n + 1:]
-    return ((2 * f + 1) / size - 1).reshape(B, size, size, 2).float()
+    w, a = torch.linalg.solve(A, torch.cat([q, q.new_zeros(B, 3, 2)], 1)).float().split((n, 3), 1)
+    p, c = p.float(), torch.arange(size, dtype=torch.float32, device=p.device)
+    x = torch.stack(torch.meshgrid(c, c, indexing="xy"), -1).reshape(-1, 2)  # every pixel centre
+    d2 = (x * x).sum(-1)[:, None] + (p * p).sum(-1)[:, None] - 2 * x @ p.transpose(1, 2)  # |x - p_i|²
+    f = U(d2.clamp_min(0)) @ w + a[:, :1] + x @ a[:, 1:]
+    return ((2 * f + 1) / size - 1).reshape(B, size, size, 2)
 
 
 class Discriminator(nn.Module):

@@ -87,12 +87,12 @@ def study(args, train):
     """`facesynth.py ablation`: train every ablation over --seeds seeds into OUT/NAME/seedK (finished
     runs are skipped, a cut one resumes), then evaluate them all and write OUT/REPORT.md. train:
     facesynth's (a run's loop, train(options, the options typed))."""
-    root, n_seeds, single = args.pop("out"), args.pop("seeds"), args.pop("single")
+    root, n_seeds, single = args["out"], args["seeds"], args["single"]
+    args = {k: v for k, v in args.items() if k not in ("out", "seeds", "single")}  # each run's own options
     runs = {name: {"ablate": groups} for name, groups in GROUP_RUNS.items()}
     if single:
         runs.update({f"no_{t}": {f"lambda_{t}": 0.0} for t in TERMS})
-    if args["data"] is None:
-        args["data"] = synthetic.ensure_synthetic(synthetic.SYNTH_CACHE)
+    args["data"] = args["data"] or synthetic.ensure_synthetic(synthetic.SYNTH_CACHE)
     total = args["steps"] or args["epochs"] * data.steps_per_epoch(args)
     dirs = {name: [os.path.join(root, name, f"seed{seed}") for seed in range(n_seeds)] for name in runs}
     given = set(args) - SESSION - SCHEDULE - {"split", "resume"}  # every option must be the runs' own
