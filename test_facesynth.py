@@ -2672,6 +2672,24 @@ def test_reenact_gives_G_the_retargeted_or_the_drivers_own_landmarks(ckpt, tmp_p
     np.testing.assert_allclose(peaks(given[0][1], sigma=1.0), want, atol=2e-3)
 
 
+def test_a_warp_G_reenacts_from_the_spline_between_the_source_and_each_frames_landmarks():
+    """A fine-tuned run is reenacted as any run: with --output warp, G starts each frame from the thin-plate
+    spline between the source crop's landmarks and the ones it is given. An untrained warp G is exactly
+    the warp floor, so each generated frame must be the source crop warped from its landmarks (box 40 x 36
+    around (48, 50)) to the retargeted ones, worked out by hand as in the test above (neutral frame 0)."""
+    torch.manual_seed(0)
+    G = networks.Generator(ngf=4, output="warp")
+    cfg = {"args": {"ngf": 4, "n_down": 4, "size": SIZE, "sigma": 1.0, "window": 7, "output": "warp"}}
+    img = np.random.default_rng(1).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    src = {"image": img, "lm": hand_face(48, 50, 20, 18), "identity": None}
+    drv = np.stack([hand_face(100 + 3 * t, 80 - t, 10 + t, 9) for t in range(4)])  # face size 20 + 2 t
+    out = extras.reenact.drive(G, cfg, src, {"lms": drv, "frames": None, "motion": None}, relative=True)
+    src_uv = in_crop(hand_face(48, 50, 20, 18), 48, 50, 40)
+    want = src_uv + (drv - drv[0]) * (SIZE / 1.8) / 20
+    floor = extras.yardsticks.warp(out["source"], np.repeat(src_uv[None], 4, 0), want)
+    assert np.abs(out["generated"].astype(int) - floor).max() <= 1 and np.abs(floor - out["source"]).max() > 30
+
+
 def test_reenact_crops_the_source_as_the_run_was_prepared(ckpt, tmp_path, given):
     """A run prepared with crop_scale 2 (prepare.json) crops with it. Source points with a 16 x 14 box
     around (28.5, 30.5): the square is 2 x 16 = 32 px = the run's size, from pixel edge (13, 15), so
