@@ -275,11 +275,9 @@ def train_run(args, run, ckpt, init):
     rank, world, device, group = runs.setup_distributed(networks.pick_device(args["device"]))
     main_rank, log = rank == 0, print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args["seed"] + rank)
-    fixed = runs.training_data(args["data"], main_rank, world, init)  # the dataset and its image size
+    fixed, videos = runs.training_data(args["data"], main_rank, world, init)  # the set, its size, its train
     args, run = {**args, **fixed}, {**run, **fixed}
-    videos = data.load_videos(args["data"], "train")
-    lam = losses.lambdas({t: args[f"lambda_{t}"] for t in TERMS if args[f"lambda_{t}"] is not None},
-                         args["ablate"])
+    lam = losses.lambdas({t: args[f"lambda_{t}"] for t in TERMS}, args["ablate"])  # None: the paper's
     G, D, vgg, vgg_source, opt_G, opt_D, start, elapsed = build_models(args, device, ckpt, init, log)
     per_epoch, total = schedule(args, world)
     out, B, amp = args["out"], args["batch_size"] * world, device.type == "cuda"

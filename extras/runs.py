@@ -21,7 +21,7 @@ import urllib.request
 import torch
 import torch.distributed as dist
 
-from data import DataError, progress, read_prepared, write_json, writing
+from data import DataError, load_videos, progress, read_prepared, write_json, writing
 from extras import synthetic
 from losses import TERMS
 from networks import TRAIN_KEYS, checkpoint_file, load_checkpoint
@@ -185,9 +185,9 @@ def setup_distributed(device):
 
 
 def training_data(root, main_rank, world, init=None):
-    """{"data": the prepared dataset to train on, "size": its image size}: `root` (--data), or the built-in
-    synthetic set, built once by rank 0 while the other ranks wait. A run that starts from `init`'s
-    weights must train at the size that run trained at."""
+    """({"data": the prepared dataset to train on, "size": its image size}, its train split's videos):
+    `root` (--data), or the built-in synthetic set, built once by rank 0 while the other ranks wait. A
+    run that starts from `init`'s weights must train at the size that run trained at."""
     if root is None:
         box = [synthetic.ensure_synthetic(synthetic.SYNTH_CACHE) if main_rank else None]
         if world > 1:
@@ -197,7 +197,7 @@ def training_data(root, main_rank, world, init=None):
     if init and init["args"]["size"] != size:
         raise DataError(f"--init: its run was trained at {init['args']['size']} px, {root} is {size} px; "
                         "prepare the data at that size (prepare --size)")
-    return {"data": root, "size": size}
+    return {"data": root, "size": size}, load_videos(root, "train")
 
 
 def ranks_agree(G, D, world, device, log):
