@@ -271,7 +271,8 @@ def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None
         raise DataError(f"{src}: no video folders (NNN/vid.avi and NNN/annot/*.pts) and no video files "
                         f"({' '.join(VIDEO_EXTS)})")
     names = sorted(entry)
-    tail = bool(videos) and not split_file and (hold_out or ("tail" if len(names) == 1 else "name")) == "tail"
+    hold_out = hold_out or ("tail" if len(names) == 1 else "name")
+    tail = bool(videos) and not split_file and hold_out == "tail"  # only plain videos have a tail to hold
     meta = {"size": size, "crop_scale": crop_scale, "source": os.path.abspath(src),
             "synthetic": any(os.path.isfile(os.path.join(src, d, "params.json")) for d in names),
             "hold_out": "tail" if tail else "name"}
@@ -281,11 +282,11 @@ def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None
         raise WriteError(f"{out}: cannot make the output folder ({e.strerror})") from None
     if os.path.isfile(os.path.join(out, "prepare.json")):
         old = read_json(os.path.join(out, "prepare.json"), "remove it, or use another output folder")
-        was = lambda k: old.get(k, "name" if k == "hold_out" else None) if isinstance(old, dict) else None
-        if [was(k) for k in ("size", "crop_scale", "hold_out")] != [size, crop_scale, meta["hold_out"]]:
-            raise DataError(f"{out}/prepare.json: prepared with size {was('size')}, crop_scale "
-                            f"{was('crop_scale')}, hold-out {was('hold_out')}, not {size}, {crop_scale}, "
-                            f"{meta['hold_out']}; use another output folder")
+        old = old if isinstance(old, dict) else {}
+        was = (old.get("size"), old.get("crop_scale"), old.get("hold_out", "name"))  # name: before --hold-out
+        if was != (size, crop_scale, meta["hold_out"]):
+            raise DataError(f"{out}/prepare.json: prepared with size {was[0]}, crop_scale {was[1]}, hold-out "
+                            f"{was[2]}, not {size}, {crop_scale}, {meta['hold_out']}; use another output folder")
     split_src, mapping = _read_split(src, split_file)
     write_json(os.path.join(out, "prepare.json"), meta)
     kept = {d: _kept(os.path.join(out, d), size) for d in names}
@@ -296,8 +297,8 @@ def prepare(src, out, size=64, crop_scale=CROP_SCALE, workers=2, split_file=None
     plan = {d: frame_count(os.path.join(src, entry[d])) if d in videos else
             len(os.listdir(annot(d))) if os.path.isdir(annot(d)) else 0 for d in todo}
     total, n_done, prepared, failed, warnings, t0 = sum(plan.values()), 0, [], [], [], time.time()
-    jobs = [(os.path.join(src, entry[d]), out, size, crop_scale, *((landmarks, tail) if d in videos else ()))
-            for d in todo]
+    jobs = [(os.path.join(src, entry[d]), out, size, crop_scale, landmarks if d in videos else None,
+             tail and d in videos) for d in todo]
     for d, (n, warn) in zip(todo, pool_map(_prepare_one, jobs, workers)):
         (prepared if n else failed).append(d)
         warnings += warn
