@@ -281,8 +281,8 @@ def metrics(run_dirs, split=None, data_root=None, n_pairs=N_EVAL, seed=SEED, dev
         src, src_lm, tgt, tgt_lm = gather(videos, n_pairs, seed)
         gen = draw(src, src_lm, tgt_lm, f"{tag} same-video pairs:")
         # beyond the paper (extras/yardsticks.py): the judge, and the synthetic set's cross-identity truth
-        pairs = (src, src_lm, gen, tgt_lm)
-        more, out["judge"], moved = yardsticks.beyond(draw, root, out["split"], videos, pairs, n_pairs, seed,
+        drawn = (src, src_lm, gen, tgt_lm)
+        more, out["judge"], moved = yardsticks.beyond(draw, root, out["split"], videos, drawn, n_pairs, seed,
                                                       judge, tag, scores)
         pairs = {**scores(gen, tgt), **more}
         if baseline != "copy":  # a copy never moves: no flicker to measure

@@ -83,7 +83,7 @@ def warp_grids(b, size, cycle=True):
     return {k: networks.tps_grid(lm[k[0]], lm[k[1]], size) for k in passes}
 
 
-def generator_terms(D, vgg, b, want, fake, cyc, e_t, tri, amp):
+def generator_terms(D, vgg, b, want, fake, cyc, tri, e_t, amp):
     """The raw (unweighted) terms of L_G named in `want`, from G's passes. D and VGG are frozen here:
     their gradients reach G's image only."""
     terms = {"pix": losses.L_pix(fake, b["I_t"])}  # L_pix = ||Î_t - I_t||²
@@ -132,7 +132,7 @@ def train_step(G, D, vgg, opt_G, opt_D, b, lam, hm, fused=True, amp=False, warp=
         opt_D.step()
     D_plain = getattr(D, "module", D)  # G's pass through D needs no gradient sync for D
     D_plain.requires_grad_(False)
-    terms = generator_terms(D_plain, vgg, b, want, fake, cyc, e_t, tri, amp)
+    terms = generator_terms(D_plain, vgg, b, want, fake, cyc, tri, e_t, amp)
     # L_G = L_adv + λ_pix L_pix + λ_self L_self + λ_triple L_triple + λ_pp L_pp + λ_id L_id
     L_G = losses.generator_loss(terms, lam)
     D_plain.requires_grad_(True)
@@ -149,7 +149,7 @@ def measure(G, D, vgg, b, hm, amp=False, warp=False):
     e_s, e_m, e_t = conditions(b, hm)
     grids = warp_grids(b, hm["size"]) if warp else None
     fake, _, cyc, tri = generator_passes(G, b["I_s"], e_s, e_m, e_t, grids=grids)
-    return {**generator_terms(D, vgg, b, TERMS, fake, cyc, e_t, tri, amp),
+    return {**generator_terms(D, vgg, b, TERMS, fake, cyc, tri, e_t, amp),
             "D": losses.L_D(D(b["I_t"], e_t), D(fake, e_t))}
 
 

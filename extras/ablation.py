@@ -43,8 +43,8 @@ def write_report(groups, out_dir, split=None, data_root=None, n_pairs=N_EVAL, se
     keys = list(dict.fromkeys(k for r in runs.values() for k in r["summary"]
                               if k in r["pairs"] or k.endswith("_large")))
     large = yardsticks.thirds(np.array(list(m["motion"].values())[0]["pairs"]))[1]["large"]
-    per_pair = lambda r, k: (np.asarray(runs[r]["pairs"][k[:-6]])[large] if k.endswith("_large")
-                             else np.asarray(runs[r]["pairs"][k]))
+    per_pair = lambda r, k: (np.asarray(runs[r]["pairs"][k.removesuffix("_large")])[large]
+                             if k.endswith("_large") else np.asarray(runs[r]["pairs"][k]))
     # A group's score: the mean over its seeds of each run's mean over pairs; its interval a t-interval
     # over seeds (the training randomness) with >= 2 seeds, else over the pairs of its one run.
     cell = lambda rs, k: fmt(mean_ci([runs[r]["summary"][k][0] for r in rs]) if len(rs) > 1

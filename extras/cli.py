@@ -111,7 +111,8 @@ def number(kind=int, low=1, above=False, high=None):
 def given_options(parser, argv):
     """Which options the user typed in `argv` (resume may only change some of them): argv parsed once more
     into a namespace whose every option is already None, which argparse then leaves alone unless typed."""
-    typed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(parser.parse_args(argv)))))
+    every = dict.fromkeys(vars(parser.parse_args(argv)))  # every option's name, each None
+    typed = parser.parse_args(argv, argparse.Namespace(**every))
     return {k for k, v in vars(typed).items() if v is not None}
 
 
