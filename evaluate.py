@@ -276,7 +276,7 @@ def metrics(run_dirs, split=None, data_root=None, n_pairs=N_EVAL, seed=SEED, dev
     for i, (name, baseline, root) in enumerate(jobs):
         tag = f"metrics {i + 1}/{len(jobs)}"
         draw = yardsticks.draw(baseline) if baseline else yardsticks.generate_fn(
-            *networks.load_generator(name, device), networks.generate)
+            *networks.load_generator(name, device))
         out["split"], videos = videos_of(root, split)
         src, src_lm, tgt, tgt_lm = gather(videos, n_pairs, seed)
         gen = draw(src, src_lm, tgt_lm, f"{tag} same-video pairs:")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from data import face_size
 from extras import landmarks, synthetic
-from networks import tps_grid
+import networks
 
 BASELINES = ("copy", "warp")
 THIRDS = ("small", "medium", "large")
@@ -29,7 +29,7 @@ def warp(sources, src_lm, tgt_lm):
     if not len(sources):
         return np.asarray(sources).copy()
     images = torch.as_tensor(np.asarray(sources)).permute(0, 3, 1, 2).float()
-    grid = tps_grid(np.asarray(src_lm), np.asarray(tgt_lm), images.shape[-1])
+    grid = networks.tps_grid(np.asarray(src_lm), np.asarray(tgt_lm), images.shape[-1])
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
@@ -40,10 +40,10 @@ def draw(name):
             "warp": lambda src, src_lm, tgt_lm, label=None: warp(np.asarray(src), src_lm, tgt_lm)}[name]
 
 
-def generate_fn(G, cfg, generate):
+def generate_fn(G, cfg):
     """A run's G drawn as a baseline is: f(sources, their landmarks, target landmarks, label) -> images
     (networks.generate: the paper's G is given only the targets', a "warp" G both)."""
-    return lambda src, src_lm, lm, label=None: generate(G, cfg, src, lm, src_lm, label=label)
+    return lambda src, src_lm, lm, label=None: networks.generate(G, cfg, src, lm, src_lm, label=label)
 
 
 def motion(src_lm, tgt_lm):
